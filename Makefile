@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   — create/reuse .venv, install, run the main job on the embedded default
+#   make test   — create/reuse .venv, install, run the test suite
+# Set-up is idempotent: it re-installs only when pyproject.toml changed (stamp file in the venv).
+VENV ?= .venv
+PYTHON ?= python3
+# torch is installed first, pinned: a CPU build of 2.13.0 lies on disk on our CI/dev machines and
+# installs in seconds; an unpinned torch pulls a multi-GB CUDA build. On a GPU machine the same pin
+# gets the regular CUDA wheel. Override e.g. with `make test TORCH_SPEC=torch==2.14.1`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fluid-setup-$(shell sha256sum pyproject.toml | cut -c1-12)
+PIP_QUIET := -q --disable-pip-version-check
+
+.PHONY: setup demo test lint clean-venv
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=python3.11)")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_SPEC) …"; $(PY) -m pip install $(PIP_QUIET) "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true; }
+	@$(PY) -c "import torch" || { echo "torch install failed"; exit 1; }
+	@echo "installing fluid-on-ray and its dependencies …"
+	@$(PY) -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import pipeline, ray, transformers, gguf" || { echo "install failed"; exit 1; }
+	@rm -f $(VENV)/.fluid-setup-* && touch $@
+
+demo: setup
+	$(PY) -m jobs.info
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline jobs tests
+
+clean-venv:
+	rm -rf $(VENV)

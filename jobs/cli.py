@@ -1,0 +1,33 @@
+"""The `fluid` console script: one subcommand per job (each also runs as `python -m jobs.<name>`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from jobs.common import run_job
+
+# subcommand → (module, one-line description)
+COMMANDS = {
+    "info": ("jobs.info", "fetch/resolve the model and corpus of a config and describe them"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: fluid COMMAND [--config FILE.yaml] [--section.key=value …]\n\ncommands:")
+        for name, (_, desc) in COMMANDS.items():
+            print(f"  {name:<12}{desc}")
+        print("\n`fluid COMMAND --help` explains each command.")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r} (known: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return run_job(module.main, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Typed configuration: one set of dataclasses used by every job, and the only home of defaults.
+
+In:  an optional YAML file (sections named like the fields of `FluidConfig`) and CLI overrides of
+     the form `--section.key=value` (or `section.key=value`).
+Out: a validated `FluidConfig`. Unknown keys and values of the wrong type raise `ConfigError`
+     naming the key, before any work (or cluster) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import FluidError
+
+
+class ConfigError(FluidError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    spec: str = "smollm2-135m"
+    """Built-in name, local directory, fsspec URL (s3://, gs://, file://, memory://…), .gguf path or hub id."""
+    cache_dir: str | None = None
+    """Where resolved models and corpora are cached; default: $FLUID_CACHE_DIR or the user cache dir."""
+    mask_token: str = "[M]"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 on CUDA, float32 on CPU (gloo has no bf16 collectives)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=lambda: ["default"])
+    """Paths, globs or fsspec URLs of .txt / .jsonl / .parquet files; 'default' = built-in corpus."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl records."""
+    text_column: str = "text"
+    """Column holding the text in .parquet files."""
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    max_doc_chars: int = 200_000
+    """Longer documents (e.g. one enormous line) are split into pieces of at most this many characters."""
+    seq_len: int = 256
+    """Clean tokens per packed training sequence (L)."""
+    tokenizer_actors: int = 1
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class NoiseConfig:
+    mode: Literal["causal", "bidirectional"] = "causal"
+    k_max: int = 16
+    draft_ratio: float = 1.0
+    """Draft tokens appended per example, as a multiple of seq_len (1.0 → ~half of all tokens are draft targets)."""
+    spans: int | None = None
+    """If set, a fixed number of spans per example instead of filling a draft budget."""
+    rho: float = 0.1
+    """Restoration noise: probability that a span position holds the true token instead of [M]."""
+    span_distribution: Literal["uniform", "fixed", "geometric"] = "uniform"
+    bidir_eps: float = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    workers: int = 1
+    use_gpu: bool = False
+    global_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_steps: int = 200
+    time_budget_s: float | None = None
+    grad_clip: float = 1.0
+    lam: float = 1.0
+    """Weight λ of the draft loss: L = L_AR + λ·L_draft."""
+    lora_rank: int = 0
+    activation_checkpointing: bool = False
+    from_scratch: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    storage_path: str = "runs"
+    run_name: str = "fluid-adapt"
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    policy: Literal["ar", "fixed", "threshold", "entropy", "khead", "verify"] = "verify"
+    gamma: float = 0.9
+    max_horizon: int = 8
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: int = 1
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_queued_requests: int = 64
+    api_key_env: str = "FLUID_API_KEY"
+    api_key_file: str | None = None
+    max_request_bytes: int = 1_000_000
+    max_tokens_limit: int = 1024
+
+
+@dataclass
+class FluidConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FluidConfig:
+    """Build a config from defaults, then the YAML file (if any), then `--a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    cfg = from_dict(raw)
+    for item in overrides or []:
+        key, value = _split_override(item)
+        set_value(cfg, key, yaml.safe_load(value) if value != "" else "")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> FluidConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    cfg = FluidConfig()
+    for section, values in raw.items():
+        if section not in _fields(FluidConfig):
+            raise ConfigError(f"unknown config section '{section}' (known: {', '.join(_fields(FluidConfig))})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {type(values).__name__}")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def set_value(cfg: FluidConfig, dotted: str, value: Any) -> None:
+    """Set `section.key` on cfg, checking that the key exists and the value has the declared type."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{dotted}' must look like section.key (e.g. train.lr)")
+    section_name, key = parts
+    if section_name not in _fields(FluidConfig):
+        raise ConfigError(f"unknown config section '{section_name}' in '{dotted}'")
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        known = ", ".join(_fields(type(section)))
+        raise ConfigError(f"unknown config key '{dotted}' (known in '{section_name}': {known})")
+    setattr(section, key, _coerce(value, hints[key], dotted))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has an unsupported type {hint}")  # pragma: no cover
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body:
+        raise ConfigError(f"override '{item}' must look like --section.key=value")
+    key, value = body.split("=", 1)
+    return key.strip(), value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return data or {}
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

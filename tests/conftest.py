@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models and tokenizers (seconds), and the real default model (cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub in tests: offline errors come at once
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the quick brown fox jumps over lazy dog and a cat sat on mat it was bright cold day in "
+         "april clocks were striking thirteen to be or not that is question . , ! ?").split()
+
+
+def make_tiny_tokenizer():
+    """A word-level fast tokenizer over WORDS (+ specials), built in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=True, eos_token_id=1, pad_token_id=1, bos_token_id=None)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama + word-level tokenizer (a normal Hugging Face folder, no mask token)."""
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(len(tok))
+    out = tmp_path / "tiny-llama"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The built-in SmolLM2-135M, resolved once per machine (download + conversion on first use)."""
+    from pipeline.model_source import resolve_model
+
+    return resolve_model("smollm2-135m")
