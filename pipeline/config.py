@@ -93,6 +93,14 @@ class TrainConfig:
     storage_path: str = "runs"
     run_name: str = "fluid-adapt"
     max_failures: int = 2
+    """Worker failures Ray Train recovers from by restarting from the last checkpoint."""
+    export_dir: str | None = None
+    """Hugging Face export at the end; default <storage_path>/<run_name>/export (local storage only)."""
+    eval_batches: int = 8
+    """Validation micro-batches for the held-out AR/draft CE before and after training."""
+    cpus_per_worker: int = 2
+    fail_at_step: int | None = None
+    """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
     seed: int = 0
 
 
