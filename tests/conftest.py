@@ -56,3 +56,18 @@ def default_model():
     from pipeline.model_source import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (each start costs ~5–10 s on 2 cores).
+
+    More logical CPUs than cores, so Train workers, Data actors and Serve replicas all fit.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

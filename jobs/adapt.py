@@ -1,0 +1,200 @@
+"""`fluid adapt` / `python -m jobs.adapt`: Stage I causal-alignment adaptation on Ray Train (FSDP2).
+
+Checks the configuration before any worker starts (sequence length vs the model's context, K_max,
+batch divisibility, data present, storage writable, causal-LM head), resolves the model, builds the
+noised two-stream datasets with Ray Data, and runs `TorchTrainer` with sharded DCP checkpoints
+every `train.checkpoint_every` steps (the last `train.keep_checkpoints` kept) under
+`<train.storage_path>/<train.run_name>`. Re-running the same command with the same run name resumes
+from the last checkpoint; worker failures are retried `train.max_failures` times from the last
+checkpoint. At the end the model is exported as a Hugging Face folder with `fluid.json`.
+
+Metrics: `<storage>/<run>/metrics.jsonl` (one line per step, plus `eval` lines before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jobs.common import parse_job_args, run_job
+from pipeline.config import FluidConfig
+from pipeline.errors import FluidError
+
+
+def validate(cfg: FluidConfig) -> None:
+    """Configuration errors that must surface before the cluster does any work."""
+    t = cfg.train
+    if cfg.noise.k_max < 1:
+        raise FluidError(f"noise.k_max must be ≥ 1, got {cfg.noise.k_max}")
+    if cfg.data.seq_len < 2:
+        raise FluidError(f"data.seq_len must be ≥ 2, got {cfg.data.seq_len}")
+    for name in ("workers", "global_batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise FluidError(f"train.{name} must be ≥ 1, got {getattr(t, name)}")
+    if t.global_batch_size % (t.grad_accum * t.workers):
+        raise FluidError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum × "
+                         f"train.workers ({t.grad_accum} × {t.workers})")
+    if t.lr <= 0 or t.grad_clip <= 0:
+        raise FluidError("train.lr and train.grad_clip must be > 0")
+    if not 0 <= cfg.noise.rho <= 1:
+        raise FluidError(f"noise.rho must be in [0, 1], got {cfg.noise.rho}")
+    if t.use_gpu is False and cfg.model.dtype in ("bfloat16", "float16"):
+        raise FluidError(f"model.dtype={cfg.model.dtype} needs train.use_gpu=true (CPU training runs in fp32)")
+
+
+def check_model(path: Path, seq_len: int) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mcfg = AutoConfig.from_pretrained(path)
+    if mcfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FluidError(f"model type {mcfg.model_type!r} at {path} has no causal-LM head (AutoModelForCausalLM)")
+    ctx = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    if ctx is not None and seq_len > ctx:
+        raise FluidError(f"data.seq_len {seq_len} exceeds the model's context of {ctx} tokens")
+
+
+def check_storage(storage_path: str) -> str:
+    """Make sure the run storage is writable now, not after an hour of training."""
+    import uuid
+
+    import fsspec
+
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    probe = f"{storage_path.rstrip('/')}/.fluid-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, p = fsspec.core.url_to_fs(probe)
+        fs.makedirs(storage_path.split("://", 1)[-1], exist_ok=True)
+        fs.pipe_file(p, b"ok")
+        fs.rm_file(p)
+    except Exception as e:
+        raise FluidError(f"train.storage_path {storage_path} is not writable ({type(e).__name__}: {e})") from None
+    return storage_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fluid adapt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: start or join local)")
+    args, cfg = parse_job_args(parser, argv)
+    validate(cfg)
+    storage = check_storage(cfg.train.storage_path)
+
+    from pipeline.corpus import list_sources
+    from pipeline.model_source import resolve_model
+
+    list_sources(cfg.data.corpus, cache_dir=cfg.model.cache_dir, val_fraction=cfg.data.val_fraction,
+                 test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed)  # fails early if empty
+    resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+    check_model(resolved.path, cfg.data.seq_len)
+    result = run_training(cfg, resolved, storage, ray_address=args.ray_address)
+    print(f"[fluid] done: {result}")
+    return 0
+
+
+def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str | None = None) -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
+                 **({} if ray_address else {"num_cpus": max(4, cfg.train.workers * cfg.train.cpus_per_worker + 2)}))
+    return fit(cfg, resolved, storage, build_training_datasets(cfg, resolved))
+
+
+def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
+    """Materialized, deterministically ordered `train` (enough epochs for max_steps) and `validation`."""
+    import ray
+
+    from pipeline.data import build_dataset
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    def make(split: str, epoch: int):
+        return build_dataset(cfg.data, cfg.noise, tokenizer_path=str(resolved.path),
+                             mask_token_id=resolved.mask_token_id, split=split, epoch=epoch)
+
+    needed = cfg.train.max_steps * cfg.train.global_batch_size
+    datasets, n_rows, epoch = [], 0, 0
+    while n_rows < needed:
+        seed = cfg.data.seed + epoch if cfg.data.shuffle else None
+        ds = ordered(make("train", epoch), seed=seed, columns=batch_columns(cfg)).materialize()
+        count = ds.count()
+        if count == 0:
+            raise FluidError("the training split produced no sequences: add data or lower data.seq_len")
+        datasets.append(ds)
+        n_rows += count
+        epoch += 1
+        if epoch > 1000:
+            raise FluidError("training would need over 1000 epochs: lower train.max_steps")
+    out = {"train": datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])}
+    try:
+        val = ordered(make("validation", 0), seed=None, columns=batch_columns(cfg)).materialize()
+        if val.count() > 0:
+            out["validation"] = val
+    except FluidError as e:
+        print(f"[fluid] no validation data ({e}); skipping held-out evaluation", file=sys.stderr)
+    return out
+
+
+def batch_columns(cfg: FluidConfig) -> list[str]:
+    from pipeline.train import BATCH_COLUMNS
+
+    return list(BATCH_COLUMNS) + (["weight"] if cfg.noise.mode == "bidirectional" else [])
+
+
+def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
+    """Run the TorchTrainer on prepared datasets; resumes if the run folder holds a checkpoint."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train import train_loop_per_worker
+
+    run_dir = f"{storage.rstrip('/')}/{cfg.train.run_name}"
+    local_run_dir = run_dir if "://" not in run_dir else str(Path("runs") / cfg.train.run_name)
+    export_dir = cfg.train.export_dir or (f"{local_run_dir}/export")
+    loop_config = {
+        "fluid": cfg.to_dict(), "model_path": str(resolved.path), "mask_token_id": resolved.mask_token_id,
+        "base_sha256": resolved.meta.get("sha256"), "run_dir": local_run_dir, "export_dir": export_dir,
+        "has_validation": "validation" in datasets, "eval_batches": cfg.train.eval_batches,
+        "threads": cfg.train.cpus_per_worker,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the same global order
+        run_config=RunConfig(
+            name=cfg.train.run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce")},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
+            "metrics_jsonl": f"{local_run_dir}/metrics.jsonl"}
+
+
+def ordered(ds, *, seed: int | None, columns: list[str]):
+    """Sort rows by a seeded hash of their global sequence index: a shuffle that any layout reproduces."""
+    import numpy as np
+
+    def add_key(batch):
+        idx = batch["seq_index"].astype(np.uint64)
+        mixed = (idx + np.uint64(seed or 0) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = mixed ^ (mixed >> np.uint64(31))
+        batch["seq_order"] = (mixed >> np.uint64(1)).astype(np.int64) if seed is not None else batch["seq_index"]
+        return batch
+
+    return ds.map_batches(add_key, batch_format="numpy").sort("seq_order").select_columns(columns)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,69 @@
+"""`fluid export` / `python -m jobs.export`: turn any training checkpoint into a Hugging Face folder.
+
+Reads the run configuration saved inside the checkpoint (`trainer_state.json`), rebuilds the model
+(base model + `[M]` row, LoRA if it was used), loads the sharded DCP weights into it (DCP re-shards,
+so a checkpoint written by N workers loads in one process) and writes `save_pretrained`
+safetensors + tokenizer + `fluid.json` to `--output` (atomically: temp folder, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jobs.common import run_job
+from pipeline.errors import FluidError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fluid export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (e.g. runs/fluid-adapt/checkpoint_…); fsspec URLs are copied first")
+    parser.add_argument("--output", required=True, help="folder to write the Hugging Face export to")
+    args = parser.parse_args(argv)
+    export_checkpoint(args.checkpoint, args.output)
+    print(f"[fluid] exported {args.checkpoint} → {args.output}")
+    return 0
+
+
+def export_checkpoint(checkpoint: str, output: str) -> Path:
+    import tempfile
+
+    from pipeline.checkpoint import load_model_weights, read_trainer_state
+    from pipeline.config import from_dict
+    from pipeline.model_source import resolve_model
+    from pipeline.train import build_model, export_meta
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(checkpoint)
+        if "://" in checkpoint:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(checkpoint)
+            fs.get(root.rstrip("/") + "/", tmp + "/", recursive=True)
+            local = Path(tmp)
+        if not local.is_dir():
+            raise FluidError(f"checkpoint folder not found: {checkpoint}")
+        state = read_trainer_state(local)
+        cfg = from_dict(state["config"])
+        resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+        import torch
+
+        model = build_model(cfg, str(resolved.path), resolved.mask_token_id, torch.device("cpu"))
+        if cfg.train.lora_rank > 0:
+            from pipeline.parallelize import apply_lora
+
+            model = apply_lora(model, rank=cfg.train.lora_rank)
+        load_model_weights(local, model)
+        from transformers import AutoTokenizer
+
+        from pipeline.export import export_hf
+
+        meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), int(state["step"]))
+        return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
