@@ -95,31 +95,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str | None = None) -> dict:
-    import ray
+    from pipeline.data import init_ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
-                 **({} if ray_address else {"num_cpus": max(4, cfg.train.workers * cfg.train.cpus_per_worker + 2)}))
+    init_ray(**({"address": ray_address} if ray_address else
+                {"num_cpus": max(4, cfg.train.workers * cfg.train.cpus_per_worker + 2)}))
     return fit(cfg, resolved, storage, build_training_datasets(cfg, resolved))
 
 
 def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
-    """Materialized, deterministically ordered `train` (enough epochs for max_steps) and `validation`."""
-    import ray
+    """Materialized `train` (enough epochs for max_steps, each noised with its own epoch seed) and
+    `validation` datasets, in the deterministic order of pipeline/data.py (seeded shuffle included).
+    With `data.preprocessed`, the train rows come from `fluid preprocess` Parquet shards instead."""
+    from pipeline.data import build_dataset, read_preprocessed
 
-    from pipeline.data import build_dataset
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    columns = batch_columns(cfg)
 
     def make(split: str, epoch: int):
+        if split == "train" and cfg.data.preprocessed:
+            return read_preprocessed(cfg.data.preprocessed).select_columns(columns)
         return build_dataset(cfg.data, cfg.noise, tokenizer_path=str(resolved.path),
-                             mask_token_id=resolved.mask_token_id, split=split, epoch=epoch)
+                             mask_token_id=resolved.mask_token_id, split=split, epoch=epoch,
+                             cache_dir=cfg.model.cache_dir).select_columns(columns)
 
     needed = cfg.train.max_steps * cfg.train.global_batch_size
     datasets, n_rows, epoch = [], 0, 0
     while n_rows < needed:
-        seed = cfg.data.seed + epoch if cfg.data.shuffle else None
-        ds = ordered(make("train", epoch), seed=seed, columns=batch_columns(cfg)).materialize()
+        ds = make("train", epoch).materialize()
         count = ds.count()
         if count == 0:
             raise FluidError("the training split produced no sequences: add data or lower data.seq_len")
@@ -129,8 +130,9 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
         if epoch > 1000:
             raise FluidError("training would need over 1000 epochs: lower train.max_steps")
     out = {"train": datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])}
+    out["train"].context.execution_options.preserve_order = True
     try:
-        val = ordered(make("validation", 0), seed=None, columns=batch_columns(cfg)).materialize()
+        val = make("validation", 0).materialize()
         if val.count() > 0:
             out["validation"] = val
     except FluidError as e:
@@ -180,20 +182,6 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
     return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce")},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
             "metrics_jsonl": f"{local_run_dir}/metrics.jsonl"}
-
-
-def ordered(ds, *, seed: int | None, columns: list[str]):
-    """Sort rows by a seeded hash of their global sequence index: a shuffle that any layout reproduces."""
-    import numpy as np
-
-    def add_key(batch):
-        idx = batch["seq_index"].astype(np.uint64)
-        mixed = (idx + np.uint64(seed or 0) * np.uint64(0x9E3779B97F4A7C15)) * np.uint64(0xBF58476D1CE4E5B9)
-        mixed = mixed ^ (mixed >> np.uint64(31))
-        batch["seq_order"] = (mixed >> np.uint64(1)).astype(np.int64) if seed is not None else batch["seq_index"]
-        return batch
-
-    return ds.map_batches(add_key, batch_format="numpy").sort("seq_order").select_columns(columns)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from jobs.common import run_job
 # subcommand → (module, one-line description)
 COMMANDS = {
     "info": ("jobs.info", "fetch/resolve the model and corpus of a config and describe them"),
+    "preprocess": ("jobs.preprocess", "corpora → tokenized, packed, noised diffusion examples as Parquet shards"),
     "adapt": ("jobs.adapt", "Stage I causal-alignment adaptation on Ray Train (FSDP2, checkpoints, export)"),
     "export": ("jobs.export", "turn a training checkpoint into a Hugging Face folder with fluid.json"),
+    "serve": ("jobs.serve", "serve an export behind an OpenAI-compatible endpoint on Ray Serve"),
 }
 
 

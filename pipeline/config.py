@@ -53,6 +53,8 @@ class DataConfig:
     seq_len: int = 256
     """Clean tokens per packed training sequence (L)."""
     tokenizer_actors: int = 1
+    preprocessed: str | None = None
+    """Train from Parquet shards written by `fluid preprocess` (local or fsspec) instead of the corpus."""
     shuffle: bool = True
     seed: int = 0
 
@@ -127,6 +129,23 @@ class ServeConfig:
     api_key_file: str | None = None
     max_request_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
+    model_name: str = ""
+    """The model id clients send; default: the export folder's name."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the export folder (only for exports you trust)."""
+    max_kv_tokens: int = 0
+    """KV budget per replica in cached token positions (rows × context); 0 = max_batch_size × (context + k_max)."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    autoscaling: bool = False
+    """Autoscale between min_replicas and max_replicas (num_replicas is then ignored)."""
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8.0
+    stream_interval_s: float = 0.0
+    """Streaming: SSE events of decoding steps faster than this are sent in one write (0 = every step at once)."""
+    route_prefix: str = "/"
+    app_name: str = "fluid"
 
 
 @dataclass

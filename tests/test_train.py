@@ -11,33 +11,27 @@ from pipeline.config import load_config
 pytestmark = pytest.mark.ray
 
 
-def _rows(n: int, seq_len: int, vocab: int, mask_id: int, seed: int = 0):
-    from pipeline.noise import make_two_stream_example, rng_for
+def _corpus(root, n_docs: int = 12):
+    from tests.conftest import WORDS
 
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        tokens = rng.integers(2, vocab, size=seq_len)
-        tokens[rng.integers(0, seq_len, size=2)] = 1  # a few document ends (eos id 1)
-        ex = make_two_stream_example(tokens, rng_for(0, 0, i), mask_id=mask_id, pad_id=1, eos_id=1, k_max=4,
-                                     rho=0.1)
-        rows.append({**ex, "seq_index": np.int64(i)})
-    return rows
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, size=int(rng.integers(20, 60)))))
+    return str(root)
 
 
-def _run(tmp_path, name, resolved, rows, *overrides):
-    import ray
-
-    from jobs.adapt import batch_columns, fit, ordered
+def _run(tmp_path, name, resolved, corpus, *overrides):
+    from jobs.adapt import build_training_datasets, fit
 
     cfg = load_config(None, ["--data.seq_len=16", "--noise.k_max=4", "--train.global_batch_size=4",
                              "--train.max_steps=4", "--train.checkpoint_every=1", "--train.lr=0.01",
                              "--train.warmup_steps=1", "--train.cpus_per_worker=1", f"--train.run_name={name}",
-                             f"--train.storage_path={tmp_path / 'runs'}", "--train.eval_batches=1", *overrides])
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ordered(ray.data.from_items(rows), seed=0, columns=batch_columns(cfg)).materialize()
-    val = ordered(ray.data.from_items(rows[:4]), seed=None, columns=batch_columns(cfg)).materialize()
-    result = fit(cfg, resolved, str(tmp_path / "runs"), {"train": train, "validation": val})
+                             f"--train.storage_path={tmp_path / 'runs'}", "--train.eval_batches=1",
+                             f"--data.corpus={corpus}", "--data.val_fraction=0.2", "--data.test_fraction=0.1",
+                             *overrides])
+    datasets = build_training_datasets(cfg, resolved)
+    result = fit(cfg, resolved, str(tmp_path / "runs"), datasets)
     from safetensors.torch import load_file
 
     weights = load_file(f"{result['export']}/model.safetensors")
@@ -47,9 +41,8 @@ def _run(tmp_path, name, resolved, rows, *overrides):
 
 @pytest.fixture(scope="module")
 def tiny_resolved(tmp_path_factory):
-    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
-
     from pipeline.model_source import resolve_model
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     tok = make_tiny_tokenizer()
@@ -59,9 +52,13 @@ def tiny_resolved(tmp_path_factory):
 
 
 def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp_path, tiny_resolved):
-    rows = _rows(24, 16, len_vocab := tiny_resolved.mask_token_id, tiny_resolved.mask_token_id)
-    assert len_vocab > 10
-    base, base_metrics, _ = _run(tmp_path, "straight", tiny_resolved, rows)
+    corpus = _corpus(tmp_path / "corpus")
+    base, base_metrics, result = _run(tmp_path, "straight", tiny_resolved, corpus)
+    from pipeline.export import read_meta
+
+    meta = read_meta(result["export"])
+    assert meta["mask_token_id"] == tiny_resolved.mask_token_id and meta["k_max"] == 4
+    assert meta["train_config"]["steps_done"] == 4
     steps = [m["step"] for m in base_metrics if "event" not in m]
     assert steps == [1, 2, 3, 4]
     evals = [m for m in base_metrics if m.get("event") == "eval"]
@@ -69,7 +66,7 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     assert evals[1]["val_loss"] < evals[0]["val_loss"]  # it learned (lr 1e-2 on a tiny model)
     assert all(0 <= m["data_wait_share"] <= 1 and m["tokens_per_s"] > 0 for m in base_metrics if "event" not in m)
 
-    resumed, res_metrics, _ = _run(tmp_path, "interrupted", tiny_resolved, rows, "--train.fail_at_step=2",
+    resumed, res_metrics, _ = _run(tmp_path, "interrupted", tiny_resolved, corpus, "--train.fail_at_step=2",
                                    "--train.max_failures=1")
     assert (tmp_path / "runs" / "interrupted" / ".failed_once").read_text() == "2"  # the failure did happen
     res_steps = [m["step"] for m in res_metrics if "event" not in m]
@@ -77,6 +74,6 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     for key, value in base.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
 
-    two, _, _ = _run(tmp_path, "two-workers", tiny_resolved, rows, "--train.workers=2")
+    two, _, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2")
     for key, value in base.items():  # same global batches, only the reduction order differs
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)

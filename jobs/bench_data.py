@@ -1,0 +1,159 @@
+"""Benchmark (not a test): the Ray Data pipeline vs a plain single-process loop doing the same work.
+
+In:  a config (`--config`, `--data.*` / `--noise.*` overrides; default corpus and default model's
+     tokenizer; its train split), `--max-docs` / `--max-tokens` to bound it (to its first train
+     documents, copied as .txt files to a temporary folder), `--repeats`, `--actors`.
+Out: a table on stdout. Per variant, the median over interleaved repeats of: wall time from start to
+     the last example consumed by this process (numpy batches of 256 for Ray, rows for the loop),
+     corpus tokens/s (document tokens + EOS entering the packer), time to the first batch, and
+     tokens/s after the first batch (without shuffle only). Ray start-up (`ray.init`) and the first,
+     cold Ray run (worker processes starting) are reported on their own lines, in no median. Every variant sets
+     TOKENIZERS_PARALLELISM explicitly (the loop in-process, Ray inside each tokenizer actor). A
+     checksum proves both sides produced the same examples. Then draft targets per processed token
+     (goal ≥ 0.5) and supervised targets per input token, and where the goal "Ray Data ≤ 10 % over
+     the best single-process loop" stands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.common import parse_job_args, run_job
+
+
+def bounded_corpus(cfg, folder: Path, max_docs: int | None, max_tokens: int | None, tokenizer) -> tuple[int, int]:
+    """Copy the first train documents (at most max_docs / about max_tokens) as .txt files into folder."""
+    from pipeline.corpus import iter_documents, list_sources
+
+    d = cfg.data
+    sources = list_sources(d.corpus, cache_dir=cfg.model.cache_dir, val_fraction=d.val_fraction,
+                           test_fraction=d.test_fraction, split_seed=d.split_seed)
+    n_docs = n_tokens = 0
+    for doc in iter_documents(sources, split="train", text_field=d.text_field, text_column=d.text_column,
+                              max_doc_chars=d.max_doc_chars, val_fraction=d.val_fraction,
+                              test_fraction=d.test_fraction, split_seed=d.split_seed):
+        if (max_docs is not None and n_docs >= max_docs) or (max_tokens is not None and n_tokens >= max_tokens):
+            break
+        (folder / f"doc{n_docs:05d}.txt").write_text(doc.text, encoding="utf-8")
+        n_docs += 1
+        n_tokens += len(tokenizer.encode(doc.text, add_special_tokens=False).ids) + 1
+    return n_docs, n_tokens
+
+
+def consume(rows, seq_len: int) -> dict:
+    """Consume batches (dict of arrays) or rows; time to first item, checksum of the examples."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    first, n_first, n, checksum = None, 0, 0, 0
+    for item in rows:
+        ids = np.asarray(item["input_ids"])
+        k = 1 if ids.ndim == 1 else ids.shape[0]
+        n += k
+        checksum += int(ids.sum(dtype=np.int64)) + int((np.asarray(item["seq_index"]) % 1_000_003).sum())
+        if first is None:
+            first, n_first = time.perf_counter() - t0, k
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "first": first or wall, "rows": n, "rows_first": n_first, "checksum": checksum}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-docs", type=int, default=None, help="use at most this many train documents")
+    parser.add_argument("--max-tokens", type=int, default=None, help="stop adding documents past this many tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (median reported)")
+    parser.add_argument("--actors", default="1,2", help="tokenizer actor counts to try, comma-separated")
+    args, cfg = parse_job_args(parser, argv)
+
+    from pipeline import data
+    from pipeline.model_source import resolve_model
+
+    resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+    tokenizer = data.load_fast_tokenizer(resolved.path)
+    with tempfile.TemporaryDirectory(prefix="fluid-bench-") as tmp:
+        spec = ", ".join(cfg.data.corpus)
+        bounded = args.max_docs is not None or args.max_tokens is not None
+        if bounded:  # the first train documents, one .txt file each, all of them in the train split
+            n_docs, _ = bounded_corpus(cfg, Path(tmp), args.max_docs, args.max_tokens, tokenizer)
+            cfg.data.corpus, cfg.data.val_fraction, cfg.data.test_fraction = [tmp], 0.0, 0.0
+        kw = dict(tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id)
+        L = cfg.data.seq_len
+
+        def local(par: bool):
+            os.environ["TOKENIZERS_PARALLELISM"] = "true" if par else "false"
+            stats = data.PipelineStats()
+            out = consume(data.iter_examples_local(cfg.data, cfg.noise, stats=stats, **kw), L)
+            return out, stats.summary()
+
+        def ray_run(actors: int, par: bool):
+            cfg.data.tokenizer_actors = actors
+            stats = data.PipelineStats()
+            ds = data.build_dataset(cfg.data, cfg.noise, stats=stats, tokenizers_parallelism=par, **kw)
+            out = consume(ds.iter_batches(batch_size=256, batch_format="numpy"), L)
+            return out, stats.summary()
+
+        variants = {("single-process loop", "false"): lambda: local(False),
+                    ("single-process loop", "true"): lambda: local(True)}
+        for a in (int(x) for x in args.actors.split(",")):
+            for par in (False, True) if a == 1 else (False,):
+                name = f"Ray Data, {a} tokenizer actor{'s' if a > 1 else ''}"
+                variants[(name, str(par).lower())] = (lambda a=a, par=par: ray_run(a, par))
+
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        data.init_ray(log_to_driver=False)
+        t_init = time.perf_counter() - t0
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cold, summary = ray_run(1, False)
+        results: dict = {key: [] for key in variants}
+        for _ in range(args.repeats):
+            for key, fn in variants.items():
+                results[key].append(fn())
+        load1 = os.getloadavg()
+
+    checksums = {r[0]["checksum"] for runs in results.values() for r in runs} | {cold["checksum"]}
+    tokens = summary["tokens"]
+    med = {key: {m: statistics.median(r[0][m] for r in runs) for m in ("wall", "first")}
+           for key, runs in results.items()}
+    for key, runs in results.items():  # steady state: tokens after the first batch / time after it
+        med[key]["steady"] = statistics.median(
+            (r[0]["rows"] - r[0]["rows_first"]) * L / max(r[0]["wall"] - r[0]["first"], 1e-9) for r in runs)
+    best_local = min(v["wall"] for k, v in med.items() if k[0].startswith("single"))
+    docs = n_docs if bounded else summary["packed_documents"]
+    print(f"corpus: {docs} train documents of {spec}{' (bounded copy)' if bounded else ''} "
+          f"({tokens:,} tokens incl. EOS; {summary['sequences']:,} sequences of {L}, shuffle "
+          f"{'on' if cfg.data.shuffle else 'off'}); tokenizer of {cfg.model.spec}; {os.cpu_count()} CPU cores; "
+          f"load average {load0[0]:.1f} → {load1[0]:.1f}")
+    print(f"ray.init: {t_init:.1f} s; first (cold) Ray run: {cold['wall']:.1f} s — both excluded from the medians")
+    print(f"medians of {args.repeats} interleaved runs; tokens/s = corpus tokens / wall time\n")
+    steady = not cfg.data.shuffle  # with the shuffle, every row waits for the sort: no steady state
+    head = f"{'pipeline':<32}{'TOKENIZERS_PARALLELISM':>24}{'wall s':>9}{'tokens/s':>11}{'1st batch s':>13}" \
+           f"{'tokens/s after 1st' if steady else '':>20}{'vs best loop':>14}"
+    print(head)
+    print("-" * len(head))
+    for (name, par), m in med.items():
+        after = f"{m['steady']:,.0f}" if steady else ""
+        print(f"{name:<32}{par:>24}{m['wall']:>9.2f}{tokens / m['wall']:>11,.0f}{m['first']:>13.2f}"
+              f"{after:>20}{m['wall'] / best_local - 1:>+14.0%}")
+    print()
+    print(f"draft targets per processed token: {summary['draft_targets_per_token']:.3f} (goal ≥ 0.5); "
+          f"supervised targets per input token: {summary['supervised_targets_per_token']:.3f}; "
+          f"restoration rate {summary['restoration_rate']:.3f}")
+    best_ray = min(v["wall"] for k, v in med.items() if k[0].startswith("Ray"))
+    over = best_ray / best_local - 1
+    print(f"goal 'Ray Data ≤ 10 % over the best single-process loop': {'met' if over <= 0.10 else 'NOT met'} "
+          f"(best Ray variant {over:+.0%}); same examples on every run: {'yes' if len(checksums) == 1 else 'NO'}")
+    return 0 if len(checksums) == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
