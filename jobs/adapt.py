@@ -137,6 +137,8 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
             out["validation"] = val
     except FluidError as e:
         print(f"[fluid] no validation data ({e}); skipping held-out evaluation", file=sys.stderr)
+    for ds in out.values():  # workers iterate materialized rows: a progress bar per worker is only noise
+        ds.context.enable_progress_bars = False
     return out
 
 

@@ -117,6 +117,23 @@ class SamplerConfig:
 
 
 @dataclass
+class HorizonConfig:
+    """Stage II: the horizon head (K-head) fitted on a frozen adapted model (jobs/fit_horizon.py)."""
+
+    tau: float = 2.8
+    """Oracle threshold (nats): K* = the longest draft whose mean CE over k = 2…K stays ≤ tau."""
+    sigma: float = 1.0
+    """Width of the Gaussian soft target around K*."""
+    examples: int = 256
+    """Held-out (validation) sequences whose spans give the (hidden state, K*) pairs."""
+    spans_per_example: int = 8
+    epochs: int = 200
+    lr: float = 3e-3
+    workers: int = 1
+    seed: int = 0
+
+
+@dataclass
 class ServeConfig:
     model: str = ""
     host: str = "127.0.0.1"
@@ -155,6 +172,7 @@ class FluidConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    horizon: HorizonConfig = field(default_factory=HorizonConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""`fluid fit-horizon` / `python -m jobs.fit_horizon --export DIR`: Stage II horizon head on Ray Train.
+
+Freezes the adapted model of an export folder, runs it over held-out (validation) sequences with
+full-length draft spans at random cursors, computes the oracle horizon K* of every span (τ =
+`horizon.tau`), trains the two-layer K-head with KL to a Gaussian soft target around K*
+(pipeline/horizon_fit.py), and saves it as `horizon_head.safetensors` in the export folder (the
+`khead` policy of the sampler loads it), recording τ, σ and the fit metrics in `fluid.json`.
+Workers split the sequences; the pairs are gathered and every worker fits the same head (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from jobs.common import parse_job_args, run_job
+from pipeline.errors import FluidError
+
+HEAD_FILE = "horizon_head.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fluid fit-horizon", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", required=True, help="export folder written by `fluid adapt` (local or shared)")
+    args, cfg = parse_job_args(parser, argv)
+    from pipeline.export import read_meta
+
+    export = Path(args.export)
+    meta = read_meta(export)
+    h = cfg.horizon
+    if h.tau <= 0 or h.sigma <= 0 or h.examples < 1 or h.spans_per_example < 1 or h.workers < 1:
+        raise FluidError("horizon.tau, horizon.sigma must be > 0 and horizon.examples, spans_per_example, "
+                         "workers ≥ 1")
+    if int(meta["k_max"]) < 2:
+        raise FluidError(f"{export} was trained with k_max={meta['k_max']}: no drafts to fit a horizon on")
+    metrics = fit(cfg, export, meta)
+    print(f"[fluid] horizon head → {export / HEAD_FILE}: " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return 0
+
+
+def fit(cfg, export: Path, meta: dict) -> dict:
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import build_dataset, init_ray
+
+    init_ray()
+    noise = dataclasses.replace(cfg.noise, k_max=int(meta["k_max"]), span_distribution="fixed", rho=0.0,
+                                spans=cfg.horizon.spans_per_example, mode="causal")
+    data = dataclasses.replace(cfg.data, shuffle=True, seed=cfg.horizon.seed)
+    ds = build_dataset(data, noise, tokenizer_path=str(export), mask_token_id=int(meta["mask_token_id"]),
+                       split="validation", epoch=0, cache_dir=cfg.model.cache_dir)
+    ds = ds.limit(cfg.horizon.examples).select_columns(
+        ["input_ids", "position_ids", "span_id", "anchor", "labels", "k"]).materialize()
+    if ds.count() == 0:
+        raise FluidError("the validation split has no sequences to fit the horizon head on")
+    trainer = TorchTrainer(
+        _loop, train_loop_config={"fluid": cfg.to_dict(), "export": str(export.resolve()), "k_max": noise.k_max},
+        scaling_config=ScalingConfig(num_workers=cfg.horizon.workers, resources_per_worker={"CPU": 1}),
+        datasets={"pairs": ds}, dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(name="fit-horizon", storage_path=str(Path(cfg.train.storage_path).resolve())),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    # Ray Train V2 keeps metrics only with checkpoints: the head's record in fluid.json is the result
+    return json.loads((export / "fluid.json").read_text())["horizon_head"]
+
+
+def _loop(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.config import from_dict
+    from pipeline.export import load_export
+    from pipeline.horizon_fit import collect_pairs, fit_head, oracle_horizon
+
+    cfg = from_dict(config["fluid"])
+    k_max = int(config["k_max"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model, _, _ = load_export(config["export"])
+    model.requires_grad_(False)
+    feats, ces = [], []
+    for i, batch in enumerate(ray.train.get_dataset_shard("pairs").iter_torch_batches(batch_size=4)):
+        if i % world != rank:
+            continue
+        f, c = collect_pairs(model, {k: v.long() for k, v in batch.items()}, k_max=k_max)
+        feats.append(f)
+        ces.append(c)
+    local = (torch.cat(feats), torch.cat(ces)) if feats else (torch.zeros(0, 1), torch.zeros(0, k_max - 1))
+    parts = [local]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+    features = torch.cat([p[0] for p in parts if p[0].shape[0]])
+    ce = torch.cat([p[1] for p in parts if p[1].shape[0]])
+    k_star = oracle_horizon(ce, cfg.horizon.tau)
+    head, metrics = fit_head(features, k_star, k_max=k_max, sigma=cfg.horizon.sigma, epochs=cfg.horizon.epochs,
+                             lr=cfg.horizon.lr, seed=cfg.horizon.seed)
+    metrics["mean_ce_k2"] = float(ce[:, 0].mean())
+    if rank == 0:
+        save_head(head, Path(config["export"]), {"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma, **metrics})
+    ray.train.report(metrics)
+
+
+def save_head(head, export: Path, info: dict) -> None:
+    """Write the head and record it in fluid.json, each atomically (temp file, then rename)."""
+    tmp = export / f".{HEAD_FILE}.tmp"
+    head.save(tmp)
+    os.replace(tmp, export / HEAD_FILE)
+    meta_path = export / "fluid.json"
+    meta = json.loads(meta_path.read_text())
+    meta["horizon_head"] = {"file": HEAD_FILE, **info}
+    tmp_meta = export / ".fluid.json.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_meta, meta_path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
