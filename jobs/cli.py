@@ -12,6 +12,8 @@ COMMANDS = {
     "info": ("jobs.info", "fetch/resolve the model and corpus of a config and describe them"),
     "preprocess": ("jobs.preprocess", "corpora → tokenized, packed, noised diffusion examples as Parquet shards"),
     "adapt": ("jobs.adapt", "Stage I causal-alignment adaptation on Ray Train (FSDP2, checkpoints, export)"),
+    "fit-horizon": ("jobs.fit_horizon", "Stage II: fit the horizon head (K-head) of an export on Ray Train"),
+    "generate": ("jobs.generate", "generate text from an export with the elastic-horizon sampler"),
     "export": ("jobs.export", "turn a training checkpoint into a Hugging Face folder with fluid.json"),
     "serve": ("jobs.serve", "serve an export behind an OpenAI-compatible endpoint on Ray Serve"),
 }

@@ -1,0 +1,229 @@
+"""Benchmark the sampler's policies against HF greedy `generate` and our own `ar` loop (DESIGN.md §5).
+
+    python -m jobs.bench_sampler                       # tiny random model (untrained mask: worst case)
+    python -m jobs.bench_sampler --model-dir EXPORT    # a FLUID export (fluid.json gives the mask id)
+    python -m jobs.bench_sampler --model-dir HF_DIR --mask-token-id 0
+
+Per policy: tokens per forward, tokens/s (median of rounds), speed-up vs HF greedy generate and vs
+our `ar` policy (medians of per-round ratios; methods are interleaved in rotating order within the
+same run), agreement with AR greedy (share of tokens before the first divergence, token match rate)
+and mask tokens fed per generated token. Timing ratios are the result; absolute times are noise.
+`x ar cpu` is the same ratio in process CPU time, a cross-check when other jobs share the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import FluidError
+from pipeline.policies import DEFAULT_GAMMA, POLICIES
+from pipeline.sampler import GenerationRequest, Sampler
+
+DEFAULT_PROMPTS = [
+    "The history of the city begins",
+    "Once upon a time, in a small village,",
+    "To make a good cup of tea, you",
+    "The main reasons for the war were",
+]
+TINY_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+             "of foolishness. The quick brown fox jumps over the lazy dog. Once upon a time there was a city. ")
+
+
+def build_tiny(hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A random LlamaForCausalLM with a byte-level BPE tokenizer trained in-process; returns
+    (model, tokenizer, mask_token_id). The mask token is untrained, so drafts are noise."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["[PAD]", "[EOS]", "[M]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([TINY_TEXT * 10], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", eos_token="[EOS]")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, initializer_range=0.1, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval(), tok, tok.convert_tokens_to_ids("[M]")
+
+
+def load_sampler(args) -> Sampler:
+    if args.model_dir is None:
+        model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
+        return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device)
+    path = Path(args.model_dir)
+    if not path.is_dir():
+        raise FluidError(f"--model-dir {path} is not a folder")
+    if (path / "fluid.json").is_file() and args.mask_token_id is None:
+        return Sampler.from_export(path, device=args.device)
+    if args.mask_token_id is None:
+        raise FluidError(f"{path} has no fluid.json: give --mask-token-id")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    return Sampler(model, tok, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device)
+
+
+def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    eos = sorted(sampler.eos_ids) if stop_on_eos and sampler.eos_ids else None
+    pad = sampler.tokenizer.pad_token_id
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos,
+                           pad_token_id=pad if pad is not None else (eos or [0])[0],
+                           suppress_tokens=sampler.banned_ids.tolist())
+    out = []
+    model = sampler.model
+    saved = model.generation_config  # generate() fills unset fields (eos!) from the model's defaults
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.eos_token_id = eos
+    try:
+        with torch.inference_mode():
+            for ids in prompt_ids:
+                x = torch.tensor([ids], device=sampler.device)
+                y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
+                toks = y[0, len(ids):].tolist()
+                out.append(toks[: next((i for i, t in enumerate(toks) if eos and t in eos), len(toks))])
+    finally:
+        model.generation_config = saved
+    return out
+
+
+def agreement(ref: list[int], got: list[int]) -> tuple[float, float]:
+    if not ref:
+        return 1.0, 1.0
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
+    match = sum(a == b for a, b in zip(ref, got, strict=False))
+    return prefix / len(ref), match / len(ref)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_sampler", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", help="HF model folder or FLUID export (default: a tiny random model)")
+    p.add_argument("--mask-token-id", type=int, help="mask token id (default: from fluid.json)")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: 4 built-in prompts)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (khead only with a head)")
+    p.add_argument("--gamma", action="append", default=[], metavar="POLICY=VALUE",
+                   help=f"gamma per policy, repeatable (defaults: {DEFAULT_GAMMA})")
+    p.add_argument("--max-horizon", type=int, default=None, help="horizon cap (default k_max)")
+    p.add_argument("--k-max", type=int, default=16, help="k_max when there is no fluid.json")
+    p.add_argument("--batch", action="store_true", help="decode all prompts in one batched call")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--stop-on-eos", action="store_true", help="stop at EOS (default: fixed lengths)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    p.add_argument("--tiny-hidden", type=int, default=64)
+    p.add_argument("--tiny-layers", type=int, default=2)
+    p.add_argument("--json", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    except FluidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    sampler = load_sampler(args)
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    gammas = dict(kv.split("=", 1) for kv in args.gamma)
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    unknown = [x for x in policies if x not in POLICIES]
+    if unknown:
+        raise FluidError(f"unknown policies {unknown}; choose from {POLICIES}")
+    if "khead" in policies and sampler.horizon_head is None:
+        print("note: no horizon head loaded, skipping khead")
+        policies.remove("khead")
+    if "ar" not in policies:
+        policies.insert(0, "ar")
+    prompt_ids = [sampler.encode(x) for x in prompts]
+
+    def requests(pol):
+        g = float(gammas[pol]) if pol in gammas else None
+        return [GenerationRequest(prompt_ids=ids, policy=pol, gamma=g, max_horizon=args.max_horizon,
+                                  max_tokens=args.max_tokens, stop_on_eos=args.stop_on_eos) for ids in prompt_ids]
+
+    def run(method):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if method == "hf":
+            toks, res = hf_generate(sampler, prompt_ids, args.max_tokens, args.stop_on_eos), None
+        elif args.batch:
+            res = sampler.generate(requests(method))
+            toks = [r.token_ids for r in res]
+        else:
+            res = [sampler.generate([q])[0] for q in requests(method)]
+            toks = [r.token_ids for r in res]
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        n = sum(len(t) for t in toks)
+        return n / dt, n / max(cpu, 1e-9), toks, res
+
+    methods = ["hf", *policies]
+    run("ar")  # warm-up
+    tps = {m: [] for m in methods}
+    cps = {m: [] for m in methods}  # tokens per CPU-second: less sensitive to other load on the machine
+    last = {}
+    for rnd in range(args.repeats):
+        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+        for m in order:
+            rate, cpu_rate, toks, res = run(m)
+            tps[m].append(rate)
+            cps[m].append(cpu_rate)
+            last[m] = (toks, res)
+    ref = last["ar"][0]
+    hf_same = sum(a == b for a, b in zip(ref, last["hf"][0], strict=True))
+    rows = []
+    for m in policies:
+        toks, res = last[m]
+        agree = [agreement(r, g) for r, g in zip(ref, toks, strict=True)]
+        forwards = sum(r.stats.forwards for r in res)
+        ntok = sum(r.stats.tokens for r in res)
+        rows.append({
+            "policy": m, "tokens_per_forward": ntok / max(1, forwards), "tokens_per_s": statistics.median(tps[m]),
+            "speedup_vs_hf": statistics.median(a / b for a, b in zip(tps[m], tps["hf"], strict=True)),
+            "speedup_vs_ar": statistics.median(a / b for a, b in zip(tps[m], tps["ar"], strict=True)),
+            "cpu_speedup_vs_ar": statistics.median(a / b for a, b in zip(cps[m], cps["ar"], strict=True)),
+            "prefix_agreement": statistics.mean(a for a, _ in agree),
+            "match_rate": statistics.mean(b for _, b in agree),
+            "masks_per_token": sum(r.stats.mask_tokens for r in res) / max(1, ntok),
+        })
+    print(f"model: {args.model_dir or 'tiny random (untrained mask)'}  prompts: {len(prompts)}  "
+          f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
+          f"torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
+    print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
+    head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
+            f"{'match':>7}{'mask/tok':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['policy']:<10}{r['tokens_per_forward']:>8.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_hf']:>7.2f}"
+              f"{r['speedup_vs_ar']:>7.2f}{r['cpu_speedup_vs_ar']:>9.2f}{r['prefix_agreement']:>8.3f}{r['match_rate']:>7.3f}{r['masks_per_token']:>9.3f}")
+    elastic = [r["speedup_vs_ar"] for r in rows if r["policy"] in ("entropy", "verify")]
+    if elastic:
+        print(f"worst elastic policy vs ar: {min(elastic):.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hf_tokens_per_s": statistics.median(tps["hf"]),
+                                               "ar_equals_hf": hf_same, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""`fluid generate`: generate text with the elastic-horizon sampler and print the statistics.
+
+`--model` is an export folder of `fluid adapt` (fluid.json: mask id, K_max, policy defaults, and
+the horizon head if fitted) or any model spec of pipeline/model_source.py (e.g. the built-in
+`smollm2-135m`), whose mask token is then untrained — useful to check the never-slower-than-AR
+fallback. Sampler settings come from `--policy/--gamma/…` or the `sampler` config section.
+
+Example:  fluid generate --model runs/fluid-adapt/export --policy verify --prompt "To be, or not"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jobs.common import parse_job_args, run_job
+from pipeline.errors import FluidError
+
+
+def load_sampler(spec: str, *, cache_dir=None, k_max: int = 16):
+    from pipeline.sampler import Sampler
+
+    if Path(spec).is_dir() and (Path(spec) / "fluid.json").is_file():
+        return Sampler.from_export(spec)
+    from transformers import AutoTokenizer
+
+    from pipeline.model import add_mask_token, load_causal_lm
+    from pipeline.model_source import resolve_model
+
+    resolved = resolve_model(spec, cache_dir)
+    model = add_mask_token(load_causal_lm(resolved.path), resolved.mask_token_id)
+    return Sampler(model, AutoTokenizer.from_pretrained(resolved.path), mask_token_id=resolved.mask_token_id,
+                   k_max=k_max)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fluid generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="export folder or model spec (default: model.spec)")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--policy", choices=["ar", "fixed", "threshold", "entropy", "khead", "verify"])
+    parser.add_argument("--gamma", type=float, help="confidence gate (fixed/threshold/khead) or entropy budget")
+    parser.add_argument("--max-horizon", type=int, help="largest horizon K (clamped to the model's K_max)")
+    parser.add_argument("--max-tokens", type=int, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    args, cfg = parse_job_args(parser, argv)
+    from pipeline.sampler import GenerationRequest
+
+    s = cfg.sampler
+    sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max)
+    prompts = args.prompt
+    if args.chat:
+        if not getattr(sampler.tokenizer, "chat_template", None):
+            raise FluidError("--chat: this tokenizer has no chat template")
+        prompts = [sampler.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                         add_generation_prompt=True) for p in prompts]
+    requests = [GenerationRequest(
+        prompt=p, max_tokens=args.max_tokens or s.max_tokens, policy=args.policy or s.policy,
+        gamma=s.gamma if args.gamma is None else args.gamma, max_horizon=args.max_horizon or s.max_horizon,
+        temperature=s.temperature if args.temperature is None else args.temperature,
+        top_p=s.top_p if args.top_p is None else args.top_p, seed=args.seed, stop=args.stop) for p in prompts]
+    for prompt, result in zip(args.prompt, sampler.generate(requests), strict=True):
+        st = result.stats
+        hist = " ".join(f"{k}:{v}" for k, v in sorted(st.accepted_hist.items()))
+        print(f"--- prompt: {prompt!r}\n{result.text}\n--- {st.policy}: {st.tokens} tokens in {st.forwards} forwards "
+              f"({st.tokens_per_forward:.2f} tokens/forward), {st.wall_time_s:.2f} s "
+              f"({st.tokens / max(st.wall_time_s, 1e-9):.1f} tokens/s), finish {result.finish_reason}; "
+              f"accepted per forward {hist}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

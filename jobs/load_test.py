@@ -1,0 +1,246 @@
+"""Load test of the OpenAI-compatible endpoint: N concurrent clients, a fixed number of requests.
+
+    python -m jobs.load_test --url http://127.0.0.1:8000 --clients 16 --requests 128
+    python -m jobs.load_test --compare --tiny                     # local tiny-model server: 1 vs 16 clients
+    python -m jobs.load_test --compare --serve.model=EXPORT_DIR   # a local server for your export
+
+In:  a running endpoint on this machine (127.0.0.1 / localhost only), or `--tiny` / `--serve.model`
+     to start one here (local Ray + Serve, stopped at the end); request settings (max tokens, policy…).
+Out: a table per run — requests, errors, wall time, requests/s, generated tokens/s, latency p50/p95/p99
+     (ms), time to first chunk with --stream, tokens per forward — and with --compare the aggregate
+     throughput ratio of 16 clients vs 1: the median of per-round ratios over --rounds interleaved
+     rounds (shared machines are noisy); goal ≥ 4× thanks to batching, zero errors (exit status 1
+     otherwise). `--out FILE.jsonl` appends one JSON record per run.
+Each client is a thread running requests back to back; every request has a timeout, the whole run a
+deadline (--max-seconds), so the test always ends. Greedy, ignore_eos: every request makes max_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from jobs.common import parse_job_args, run_job
+from pipeline.errors import FluidError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COLUMNS = ("round", "clients", "requests", "errors", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
+           "ttft_p50_ms", "tok/fwd")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def one_request(opener, url: str, body: dict, headers: dict, timeout: float) -> dict:
+    """POST one completion; returns latency, tokens, forwards, time to first chunk, or an error."""
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    t0 = time.perf_counter()
+    ttft, tokens, forwards = None, 0, 0
+    try:
+        with opener.open(req, timeout=timeout) as r:
+            if body.get("stream"):
+                for raw in r:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if ttft is None and ev.get("choices"):
+                        ttft = time.perf_counter() - t0
+                    forwards = ev.get("fluid", {}).get("forwards", forwards)
+                    tokens = (ev.get("usage") or {}).get("completion_tokens", tokens)
+            else:
+                out = json.loads(r.read())
+                tokens, forwards = out["usage"]["completion_tokens"], out["fluid"]["forwards"]
+    except urllib.error.HTTPError as e:
+        return {"error": f"HTTP {e.code}", "latency": time.perf_counter() - t0}
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        return {"error": type(e).__name__, "latency": time.perf_counter() - t0}
+    return {"latency": time.perf_counter() - t0, "tokens": tokens, "forwards": forwards, "ttft": ttft}
+
+
+def run_load(url: str, clients: int, total: int, body: dict, headers: dict, *, timeout: float,
+             deadline_s: float) -> dict:
+    """`clients` threads issue `total` requests in all (back to back); returns the run's summary."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    lock, results, issued = threading.Lock(), [], [0]
+    stop_at = time.perf_counter() + deadline_s
+
+    def client():
+        while True:
+            with lock:
+                if issued[0] >= total or time.perf_counter() > stop_at:
+                    return
+                issued[0] += 1
+            res = one_request(opener, url, body, headers, timeout)
+            with lock:
+                results.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, stop_at - time.perf_counter()) + timeout + 5)
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors: dict[str, int] = {}
+    for r in results:
+        if "error" in r:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    lat = [r["latency"] * 1e3 for r in ok]
+    ttft = [r["ttft"] * 1e3 for r in ok if r.get("ttft") is not None]
+    tokens, forwards = sum(r["tokens"] for r in ok), sum(r["forwards"] for r in ok)
+    return {"clients": clients, "requests": len(results), "errors": sum(errors.values()), "error_kinds": errors,
+            "wall_s": wall, "req/s": len(ok) / wall if wall else 0.0, "tok/s": tokens / wall if wall else 0.0,
+            "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
+            "ttft_p50_ms": percentile(ttft, 50), "tok/fwd": tokens / forwards if forwards else 0.0,
+            "unfinished": total - len(results)}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["  ".join(f"{c:>11}" for c in COLUMNS)]
+    for r in rows:
+        cells = [f"{'-':>11}" if c == "ttft_p50_ms" and not r[c] else f"{r[c]:>11d}" if isinstance(r[c], int)
+                 else f"{r[c]:>11.2f}" for c in COLUMNS]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def export_tiny(out_dir: Path) -> Path:
+    """A tiny random Llama export (byte-level BPE, untrained mask: drafts are noise) for smoke loads."""
+    from jobs.bench_sampler import build_tiny
+    from pipeline.export import export_hf
+
+    model, tok, mask_id = build_tiny()
+    meta = {"mask_token": "[M]", "mask_token_id": mask_id, "k_max": 8,
+            "policy_defaults": {"policy": "ar", "gamma": None, "max_horizon": 8},
+            "base_model": {"spec": "tiny-random", "sha256": None}, "data_config": {}, "train_config": {}}
+    return export_hf(model, tok, out_dir, fluid_meta=meta)
+
+
+def start_local_server(cfg, clients: int) -> str:
+    """Start local Ray + Serve with `cfg.serve` on 127.0.0.1; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from pipeline.serve import build_app
+
+    sc = cfg.serve
+    sc.host = "127.0.0.1"
+    if sc.max_batch_size < clients:
+        print(f"note: serve.max_batch_size {sc.max_batch_size} → {clients} (one row per client)", file=sys.stderr)
+        sc.max_batch_size = clients
+    app = build_app(sc)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    serve.start(http_options={"host": sc.host, "port": sc.port})
+    serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
+    return f"http://127.0.0.1:{sc.port}{sc.route_prefix.rstrip('/')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.load_test", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="base URL of a running server (default http://127.0.0.1:<serve.port>)")
+    p.add_argument("--tiny", action="store_true", help="start a local server with a tiny random model")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=None, help="requests in all (default 16 per client)")
+    p.add_argument("--compare", action="store_true", help="run 1 client and --clients clients, and compare")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --compare (median ratio)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt", default="Once upon a time there was a city")
+    p.add_argument("--policy", default=None, help="sampler policy per request (default: the server's)")
+    p.add_argument("--stream", action="store_true", help="stream responses (adds time to first chunk)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="deadline of each run")
+    p.add_argument("--out", help="append one JSON record per run to this JSONL file")
+    args, cfg = parse_job_args(p, argv)
+    if args.clients < 1 or (args.requests is not None and args.requests < 1):
+        raise FluidError("--clients and --requests must be >= 1")
+
+    tmp = None
+    if args.tiny:
+        tmp = tempfile.TemporaryDirectory(prefix="fluid-load-")
+        cfg.serve.model = str(export_tiny(Path(tmp.name) / "tiny"))
+        cfg.serve.model_name = cfg.serve.model_name or "tiny"
+    local = bool(cfg.serve.model) and not args.url
+    try:
+        base = start_local_server(cfg, args.clients) if local else (args.url or f"http://127.0.0.1:{cfg.serve.port}")
+        if (urlsplit(base).hostname or "") not in LOOPBACK:
+            raise FluidError(f"--url {base}: this load test only targets 127.0.0.1/localhost")
+        base = base.rstrip("/")
+        headers = {}
+        from pipeline.openai_api import load_api_key
+
+        key = load_api_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        models = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            urllib.request.Request(f"{base}/v1/models", headers=headers), timeout=args.timeout).read())
+        model = models["data"][0]["id"]
+        body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        if args.policy:
+            body["policy"] = args.policy
+        if args.stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        url = f"{base}/v1/completions"
+        run_load(url, 2, 4, body, headers, timeout=args.timeout, deadline_s=args.max_seconds)  # warm-up
+        per_client = max(1, (args.requests or 16 * args.clients) // args.clients)
+        if args.compare:  # interleaved, order alternating per round
+            pair = [(1, per_client), (args.clients, per_client * args.clients)]
+            plan = [(r + 1, *x) for r in range(max(1, args.rounds)) for x in (pair if r % 2 == 0 else pair[::-1])]
+        else:
+            plan = [(1, args.clients, args.requests or 16 * args.clients)]
+        rows = [{"round": r, **run_load(url, c, n, body, headers, timeout=args.timeout, deadline_s=args.max_seconds)}
+                for r, c, n in plan]
+    finally:
+        if local:
+            from ray import serve
+
+            serve.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    print(f"model {model} at {base}: max_tokens {args.max_tokens}, policy {args.policy or 'server default'}, "
+          f"{'streaming' if args.stream else 'non-streaming'}, greedy")
+    print(format_table(rows))
+    for r in rows:
+        if r["errors"] or r["unfinished"]:
+            print(f"  {r['clients']} clients: errors {r['error_kinds']}, not issued {r['unfinished']}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"time": time.time(), "model": model, "max_tokens": args.max_tokens, **r}) + "\n")
+    if args.compare:
+        ratios = []
+        for rnd in sorted({r["round"] for r in rows}):
+            one, many = ([r for r in rows if r["round"] == rnd and r["clients"] == c][0] for c in (1, args.clients))
+            ratios.append(many["tok/s"] / one["tok/s"] if one["tok/s"] else 0.0)
+        ratio = statistics.median(ratios)
+        errors = sum(r["errors"] + r["unfinished"] for r in rows)
+        met = ratio >= 4.0 and errors == 0
+        print(f"aggregate throughput {args.clients} vs 1 clients: {ratio:.2f}x tokens/s (median of rounds: "
+              f"{', '.join(f'{x:.2f}' for x in ratios)}), errors {errors} "
+              f"(goal >= 4x and 0 errors: {'met' if met else 'NOT met'})")
+        return 0 if met else 1
+    return 0 if rows[0]["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
