@@ -74,6 +74,10 @@ def load_sampler(args) -> Sampler:
 
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path)
+    if args.mask_token_id >= model.get_input_embeddings().num_embeddings:
+        from pipeline.model import add_mask_token
+
+        add_mask_token(model, args.mask_token_id)  # an untrained [M] row (mean embedding): the worst case
     return Sampler(model, tok, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device)
 
 
@@ -100,6 +104,50 @@ def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, 
     finally:
         model.generation_config = saved
     return out
+
+
+def corpus_prompts(n: int, split: str = "test", chars: int = 240) -> list[str]:
+    """N prompts from held-out documents of the default corpus: `chars` characters ending at a line
+    break, at evenly spaced positions (deterministic, so reruns and re-measurements use the same)."""
+    from pipeline.corpus import iter_documents, list_sources
+
+    docs = [d.text for d in iter_documents(list_sources(["default"]), split=split)]
+    text = "\n".join(docs)
+    prompts = []
+    for i in range(n):
+        start = int(len(text) * (i + 0.5) / n)
+        start = text.find("\n", start) + 1
+        end = text.rfind("\n", start, start + chars)
+        prompts.append(text[start:end if end > start else start + chars].strip())
+    return prompts
+
+
+def load_base_model(args, sampler: Sampler):
+    """The base AR model that scores the continuations (NLL): --base-model, the export's base model
+    (fluid.json), or else the sampled model itself."""
+    spec = args.base_model
+    if spec is None and args.model_dir and (Path(args.model_dir) / "fluid.json").is_file():
+        spec = json.loads((Path(args.model_dir) / "fluid.json").read_text()).get("base_model", {}).get("spec")
+    if not spec:
+        return sampler.model
+    from pipeline.model import load_causal_lm
+    from pipeline.model_source import resolve_model
+
+    return load_causal_lm(resolve_model(spec).path).eval().to(sampler.device)
+
+
+@torch.inference_mode()
+def continuation_nll(model, prompt_ids: list[list[int]], continuations: list[list[int]]) -> float:
+    """Mean NLL (nats/token) of the continuations given their prompts under `model`."""
+    total, count = 0.0, 0
+    for ids, cont in zip(prompt_ids, continuations, strict=True):
+        if not cont:
+            continue
+        x = torch.tensor([ids + cont], device=next(model.parameters()).device)
+        logits = model(input_ids=x).logits[0, len(ids) - 1:-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, x[0, len(ids):], reduction="sum"))
+        count += len(cont)
+    return total / max(1, count)
 
 
 def agreement(ref: list[int], got: list[int]) -> tuple[float, float]:
@@ -130,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-hidden", type=int, default=64)
     p.add_argument("--tiny-layers", type=int, default=2)
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--corpus-prompts", type=int, default=0,
+                   help="use N held-out prompts cut from the default corpus (split --corpus-split)")
+    p.add_argument("--corpus-split", default="test")
+    p.add_argument("--base-model", help="model spec scoring the outputs' NLL (default: the export's base model)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     sampler = load_sampler(args)
     prompts = DEFAULT_PROMPTS
+    if args.corpus_prompts:
+        prompts = corpus_prompts(args.corpus_prompts, args.corpus_split)
     if args.prompts:
         prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     gammas = dict(kv.split("=", 1) for kv in args.gamma)
@@ -189,6 +243,7 @@ def _run(args) -> int:
             cps[m].append(cpu_rate)
             last[m] = (toks, res)
     ref = last["ar"][0]
+    base = load_base_model(args, sampler)
     hf_same = sum(a == b for a, b in zip(ref, last["hf"][0], strict=True))
     rows = []
     for m in policies:
@@ -204,18 +259,20 @@ def _run(args) -> int:
             "prefix_agreement": statistics.mean(a for a, _ in agree),
             "match_rate": statistics.mean(b for _, b in agree),
             "masks_per_token": sum(r.stats.mask_tokens for r in res) / max(1, ntok),
+            "base_nll": continuation_nll(base, prompt_ids, toks),
         })
     print(f"model: {args.model_dir or 'tiny random (untrained mask)'}  prompts: {len(prompts)}  "
           f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
           f"torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
     head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
-            f"{'match':>7}{'mask/tok':>9}")
+            f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['policy']:<10}{r['tokens_per_forward']:>8.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_hf']:>7.2f}"
-              f"{r['speedup_vs_ar']:>7.2f}{r['cpu_speedup_vs_ar']:>9.2f}{r['prefix_agreement']:>8.3f}{r['match_rate']:>7.3f}{r['masks_per_token']:>9.3f}")
+              f"{r['speedup_vs_ar']:>7.2f}{r['cpu_speedup_vs_ar']:>9.2f}{r['prefix_agreement']:>8.3f}{r['match_rate']:>7.3f}{r['masks_per_token']:>9.3f}"
+              f"{r['base_nll']:>9.3f}")
     elastic = [r["speedup_vs_ar"] for r in rows if r["policy"] in ("entropy", "verify")]
     if elastic:
         print(f"worst elastic policy vs ar: {min(elastic):.3f}x")

@@ -172,7 +172,7 @@ def _pack_noise_stage(batch: pa.Table, *, params: Params, sink) -> dict[str, np.
 
 def init_ray(**kwargs) -> None:
     """Connect to the cluster (RAY_ADDRESS, `ray job submit`) or start a local instance sized for a
-    small machine: more logical CPUs than cores (DESIGN §6), no dashboard."""
+    small machine: more logical CPUs than cores (DESIGN §6)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS") or kwargs.get("address"):
@@ -181,7 +181,9 @@ def init_ray(**kwargs) -> None:
         ray.init(**kwargs)
         return
     kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
-    kwargs.setdefault("include_dashboard", False)
+    # The dashboard also serves the State API; without it Ray Train's placement-group cleaner logs
+    # "Failed to query Ray Train Controller actor state" every second. Tests pass False (start-up time).
+    kwargs.setdefault("include_dashboard", True)
     ray.init(**kwargs)
 
 
