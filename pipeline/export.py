@@ -138,6 +138,10 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict) -> Pat
     out = Path(out_dir)
     try:
         to_save = _plain_model_to_save(model)
+        # inference wants the KV cache, whatever the training run set (HF generate reads these)
+        to_save.config.use_cache = True
+        if getattr(to_save, "generation_config", None) is not None:
+            to_save.generation_config.use_cache = True
         vocab = to_save.get_input_embeddings().num_embeddings
         if meta["mask_token_id"] >= vocab:
             raise FluidError(f"mask_token_id {meta['mask_token_id']} is outside the model's {vocab} embeddings")

@@ -134,7 +134,7 @@ class ElasticHorizon:
     ~0 on a GPU; with exponential back-off that is a few probes per request.
     """
 
-    def __init__(self, cap: int, *, start: int = 4, probe_k: int = 2, base_interval: int = 8,
+    def __init__(self, cap: int, *, start: int = 4, probe_k: int = 2, base_interval: int = 16,
                  max_interval: int = 256):
         self.cap = max(1, cap)
         self.probe_k = min(probe_k, self.cap)

@@ -62,8 +62,7 @@ def build_model(cfg: FluidConfig, model_path: str, mask_token_id: int, device: t
     else:
         model = load_causal_lm(model_path, attn_implementation=cfg.model.attn_implementation,
                                trust_remote_code=cfg.model.trust_remote_code)
-    add_mask_token(model, mask_token_id)
-    model.config.use_cache = False
+    add_mask_token(model, mask_token_id)  # training forwards pass use_cache=False themselves
     return model.to(device)
 
 

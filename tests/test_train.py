@@ -59,6 +59,8 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     meta = read_meta(result["export"])
     assert meta["mask_token_id"] == tiny_resolved.mask_token_id and meta["k_max"] == 4
     assert meta["train_config"]["steps_done"] == 4
+    # the export is for inference: HF generate must use the KV cache (training ran without it)
+    assert json.loads(open(f"{result['export']}/config.json").read())["use_cache"] is True
     steps = [m["step"] for m in base_metrics if "event" not in m]
     assert steps == [1, 2, 3, 4]
     evals = [m for m in base_metrics if m.get("event") == "eval"]
