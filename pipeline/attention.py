@@ -35,6 +35,24 @@ def bidirectional_mask(span_id: torch.Tensor) -> torch.Tensor:
     return _pad_rows_see_self(real[:, :, None] & real[:, None, :], span_id)[:, None]
 
 
+def annealed_bidirectional_mask(position_ids: torch.Tensor, span_id: torch.Tensor, ratio: float,
+                                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DiffuLLaMA-style attention-mask annealing for the bidirectional baseline, boolean [B, 1, T, T].
+
+    Every real token sees its past (pos_j ≤ pos_i) and each future real token independently with
+    probability `ratio`: ratio = 0 is the AR causal mask, ratio = 1 the full bidirectional mask; the
+    trainer raises it linearly from 0 to 1 over `train.anneal_steps`.
+    """
+    if ratio >= 1.0:
+        return bidirectional_mask(span_id)
+    real = span_id != PAD
+    pos_i, pos_j = position_ids[:, :, None], position_ids[:, None, :]
+    both = real[:, :, None] & real[:, None, :]
+    draw = torch.rand(both.shape, generator=generator, device="cpu").to(both.device) < ratio
+    mask = both & ((pos_j <= pos_i) | draw)
+    return _pad_rows_see_self(mask, span_id)[:, None]
+
+
 def to_additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Boolean mask → additive float mask (0 where allowed, dtype's most negative value elsewhere).
 

@@ -87,6 +87,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     lam: float = 1.0
     """Weight λ of the draft loss: L = L_AR + λ·L_draft."""
+    anneal_steps: int = 0
+    """Bidirectional baseline only: raise the share of visible future tokens from 0 to 1 over this many
+    steps (DiffuLLaMA attention-mask annealing); 0 = fully bidirectional from the start."""
     lora_rank: int = 0
     activation_checkpointing: bool = False
     from_scratch: bool = False

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attention import bidirectional_mask, to_additive, two_stream_mask
+from pipeline.attention import annealed_bidirectional_mask, bidirectional_mask, to_additive, two_stream_mask
 from pipeline.errors import FluidError
 
 # Marker stored in the model config once `[M]` has its row (kept through save_pretrained), so that
@@ -102,13 +102,18 @@ def _rows_except(n_rows: int, skip: int, n_old: int, device) -> torch.Tensor:
     return idx[idx != skip]
 
 
-def build_attention_mask(model, batch: dict[str, torch.Tensor], mode: str = "causal") -> torch.Tensor:
-    """The [B, 1, T, T] mask for `batch` in the form the model's attention implementation wants."""
+def build_attention_mask(model, batch: dict[str, torch.Tensor], mode: str = "causal", *, anneal: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The [B, 1, T, T] mask for `batch` in the form the model's attention implementation wants.
+
+    `anneal` < 1 (bidirectional mode only) lets each future token be seen with that probability
+    (DiffuLLaMA's attention-mask annealing, pipeline/attention.py)."""
     span_id = batch["span_id"]
     if mode == "causal":
         mask = two_stream_mask(batch["position_ids"], span_id, batch["anchor"])
     elif mode == "bidirectional":
-        mask = bidirectional_mask(span_id)
+        mask = (bidirectional_mask(span_id) if anneal >= 1.0 else
+                annealed_bidirectional_mask(batch["position_ids"], span_id, anneal, generator))
     else:
         raise FluidError(f"unknown attention mode {mode!r} (expected 'causal' or 'bidirectional')")
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -122,14 +127,15 @@ def build_attention_mask(model, batch: dict[str, torch.Tensor], mode: str = "cau
     )
 
 
-def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal") -> torch.Tensor:
+def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Run `model` on a two-stream (or bidirectional-baseline) batch; returns logits [B, T, V].
 
     Never passes HF `labels=` (batch labels are already shifted). Padding rows get position 0.
     """
     input_ids = batch["input_ids"].long()
     position_ids = batch["position_ids"].long().clamp_min(0)
-    mask = build_attention_mask(model, batch, mode)
+    mask = build_attention_mask(model, batch, mode, anneal=anneal, generator=generator)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.logits
 

@@ -98,6 +98,12 @@ def evaluate(model, dataset_iter, cfg: FluidConfig, device, *, max_batches: int,
             if i >= max_batches:
                 break
             logits = forward_batch(model, batch, mode=cfg.noise.mode)
+            if cfg.noise.mode == "bidirectional":  # masked-token CE (unshifted targets, k = 0) → slot 1
+                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                                       ignore_index=-100, reduction="sum")
+                sums[1] += ce.double()
+                counts[1] += float((batch["labels"] != -100).sum())
+                continue
             s, c = target_sums(logits, batch["labels"], batch["k"], k_max=k_max)
             sums += s.double()
             counts += c.double()
@@ -178,7 +184,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if batch is None:
                 raise FluidError(f"training data ran out at step {step}: add data or lower train.max_steps")
             n_tokens += int((batch["span_id"] != -2).sum())
-            logits = forward_batch(model, batch, mode=cfg.noise.mode)
+            anneal, gen = 1.0, None
+            if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
+                anneal = min(1.0, step / cfg.train.anneal_steps)
+                gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
+            logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
             if cfg.noise.mode == "bidirectional":
                 loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
                 loss = loss / cfg.train.grad_accum

@@ -198,3 +198,22 @@ def test_two_stream_forward_equals_plain_causal_forwards(attn_implementation):
             ref_input = torch.cat([torch.from_numpy(tokens[: c + 1]), b["input_ids"][0, idx]]).long()[None]
             ref = model(input_ids=ref_input, use_cache=False).logits[0, c + 1 :]
             torch.testing.assert_close(logits[idx], ref, atol=1e-4, rtol=0)
+
+
+def test_annealed_bidirectional_mask_interpolates_causal_and_full():
+    from pipeline.attention import annealed_bidirectional_mask, bidirectional_mask
+
+    pos = torch.arange(12)[None].repeat(2, 1)
+    span = torch.full((2, 12), -1)
+    span[1, 9:] = -2  # padding
+    causal = annealed_bidirectional_mask(pos, span, 0.0)[:, 0]
+    real = span != -2
+    expected = (pos[:, None, :] <= pos[:, :, None]) & real[:, :, None] & real[:, None, :]
+    expected[1, 9:, :] = False
+    expected[1, torch.arange(9, 12), torch.arange(9, 12)] = True
+    assert torch.equal(causal, expected)
+    assert torch.equal(annealed_bidirectional_mask(pos, span, 1.0), bidirectional_mask(span))
+    half = annealed_bidirectional_mask(pos, span, 0.5, torch.Generator().manual_seed(0))[0, 0]
+    future = torch.triu(torch.ones(12, 12, dtype=torch.bool), diagonal=1)
+    share = half[future].float().mean().item()
+    assert 0.3 < share < 0.7 and bool(half[~future].all())  # the past stays fully visible

@@ -79,3 +79,19 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     two, _, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2")
     for key, value in base.items():  # same global batches, only the reduction order differs
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path, tiny_resolved):
+    corpus = _corpus(tmp_path / "corpus")
+    weights, metrics, result = _run(tmp_path, "bidir", tiny_resolved, corpus, "--noise.mode=bidirectional",
+                                    "--train.anneal_steps=2", "--train.from_scratch=true", "--train.max_steps=3",
+                                    "--train.seed=7")
+    steps = [m for m in metrics if "event" not in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["loss"] > 0 and m["n_ar"] > 0 for m in steps)  # masked-token CE sits in the k = 1 slot
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    assert len(evals) == 2 and all(e["val_ar_ce"] > 0 for e in evals)
+    from tests.conftest import make_tiny_llama
+
+    pretrained = make_tiny_llama(tiny_resolved.mask_token_id).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.allclose(weights["model.layers.0.mlp.up_proj.weight"], pretrained, atol=0.05)  # random init
