@@ -86,7 +86,8 @@ class _Row:
         self.generated: list[int] = []
         self.finish: str | None = None
         self.text: str | None = None
-        self.horizon = ElasticHorizon(r.max_horizon) if r.policy in ELASTIC else None
+        # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
+        self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
         self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
         self.observe_from = 0  # index in `generated` of observe[0]
         self.prev_hidden: torch.Tensor | None = None
@@ -124,6 +125,8 @@ class _Decoder:
                 k = 1  # a probe's verdict is pending: no more drafts until it is known
         elif r.policy == "khead":
             k = 1 if row.prev_hidden is None else int(self.s.horizon_head.predict(row.prev_hidden))
+            if row.horizon.k == 1:
+                k = 1  # the head's horizons keep failing: plain AR until the controller's next probe
         else:
             k = r.max_horizon
         remaining = r.max_tokens - len(row.generated)

@@ -405,3 +405,17 @@ def test_rows_finished_by_the_caller_are_dropped(sampler):
         dec.step()
     assert [dec.rows[0].generated, dec.rows[2].generated] == want
     assert dec.rows[1].finish == "cancelled" and len(dec.rows[1].generated) == n
+
+
+def test_khead_falls_back_to_ar_when_its_drafts_keep_failing(model, tok, mask_id):
+    head = HorizonHead(model.config.hidden_size, 8)
+    with torch.no_grad():
+        head.fc2.bias.fill_(-10.0)
+        head.fc2.bias[-1] = 10.0  # always proposes K = 8
+    s = Sampler(model, tok, mask_token_id=mask_id, k_max=8, horizon_head=head)
+    # gamma > 1 rejects every draft: without the guard each forward would carry 7 masks
+    [res] = s.generate([req(PROMPTS[0], policy="khead", gamma=2.0, max_tokens=64)])
+    assert res.token_ids == ar_tokens(s, PROMPTS[:1], n=64)[0]
+    assert res.stats.mask_tokens / res.stats.tokens < 0.5, res.stats
+    [ok] = s.generate([req(PROMPTS[0], policy="khead", gamma=0.0, max_tokens=64)])  # drafts pay: K = 8 stays
+    assert ok.stats.tokens_per_forward > 4
