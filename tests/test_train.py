@@ -29,7 +29,7 @@ def _run(tmp_path, name, resolved, corpus, *overrides):
                              "--train.warmup_steps=1", "--train.cpus_per_worker=1", f"--train.run_name={name}",
                              f"--train.storage_path={tmp_path / 'runs'}", "--train.eval_batches=1",
                              f"--data.corpus={corpus}", "--data.val_fraction=0.2", "--data.test_fraction=0.1",
-                             *overrides])
+                             f"--model.spec={resolved.path}", *overrides])
     datasets = build_training_datasets(cfg, resolved)
     result = fit(cfg, resolved, str(tmp_path / "runs"), datasets)
     from safetensors.torch import load_file
@@ -61,6 +61,13 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     assert meta["train_config"]["steps_done"] == 4
     # the export is for inference: HF generate must use the KV cache (training ran without it)
     assert json.loads(open(f"{result['export']}/config.json").read())["use_cache"] is True
+    # on-demand export of the last (sharded DCP) checkpoint = the final export
+    from safetensors.torch import load_file
+
+    from jobs.export import export_checkpoint
+
+    again = load_file(f"{export_checkpoint(result['checkpoint'], str(tmp_path / 'from-ckpt'))}/model.safetensors")
+    assert again.keys() == base.keys() and all(torch.equal(again[k], base[k]) for k in base)
     steps = [m["step"] for m in base_metrics if "event" not in m]
     assert steps == [1, 2, 3, 4]
     evals = [m for m in base_metrics if m.get("event") == "eval"]
