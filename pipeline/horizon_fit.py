@@ -49,12 +49,9 @@ def kl_loss(head_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_pairs(model, batch: dict[str, torch.Tensor], *, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states h_{c−1} [N, H], per-k draft CE [N, K_max − 1]) for every full-length span of a batch."""
-    from pipeline.attention import two_stream_mask
+    from pipeline.model import forward_outputs
 
-    mask = two_stream_mask(batch["position_ids"], batch["span_id"], batch["anchor"])
-    position_ids = batch["position_ids"].clamp_min(0)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False)
+    out = forward_outputs(model, batch, output_hidden_states=True)  # the mask form the attention wants
     logits, hidden = out.logits.float(), out.hidden_states[-1]
     ce = F.cross_entropy(logits.transpose(1, 2), batch["labels"].clamp_min(0), reduction="none")
     feats, rows = [], []

@@ -127,17 +127,24 @@ def build_attention_mask(model, batch: dict[str, torch.Tensor], mode: str = "cau
     )
 
 
-def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run `model` on a two-stream (or bidirectional-baseline) batch; returns logits [B, T, V].
+def forward_outputs(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
+                    generator: torch.Generator | None = None, **model_kwargs):
+    """Run `model` on a two-stream (or bidirectional-baseline) batch; returns the model output
+    (`model_kwargs`, e.g. output_hidden_states=True, go to the model).
 
     Never passes HF `labels=` (batch labels are already shifted). Padding rows get position 0.
     """
     input_ids = batch["input_ids"].long()
     position_ids = batch["position_ids"].long().clamp_min(0)
     mask = build_attention_mask(model, batch, mode, anneal=anneal, generator=generator)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    return out.logits
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                 **model_kwargs)
+
+
+def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of `forward_outputs`."""
+    return forward_outputs(model, batch, mode=mode, anneal=anneal, generator=generator).logits
 
 
 def _compute_dtype(model) -> torch.dtype:

@@ -137,22 +137,28 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 # --- cache mechanics -----------------------------------------------------------------------------
 
 
-def _cached(entry: Path, build) -> ResolvedModel:
-    if (entry / META_FILE).is_file():
-        return _resolved(entry)
+def build_cached(entry: Path, build, *, marker: str) -> Path:
+    """The cache entry `entry`, built once: `build(tmp)` fills a temporary sibling folder and writes
+    `marker` last; the folder is then renamed into place. Concurrent callers serialise on a lock."""
+    if (entry / marker).is_file():
+        return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(entry.parent / f".{entry.name}.lock"):
-        if (entry / META_FILE).is_file():  # another process built it while we waited
-            return _resolved(entry)
+        if (entry / marker).is_file():  # another process built it while we waited
+            return entry
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
         try:
             build(tmp)
-            if entry.exists():  # a broken leftover without metadata
+            if entry.exists():  # a broken leftover without its marker
                 shutil.rmtree(entry)
             os.replace(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _resolved(entry)
+    return entry
+
+
+def _cached(entry: Path, build) -> ResolvedModel:
+    return _resolved(build_cached(entry, build, marker=META_FILE))
 
 
 def _resolved(entry: Path) -> ResolvedModel:

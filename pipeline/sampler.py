@@ -15,7 +15,6 @@ With one row, or when nothing is ragged, no mask is passed and the model's own c
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -387,25 +386,15 @@ class Sampler:
     @classmethod
     def from_export(cls, path, *, device=None, dtype=None) -> Sampler:
         """Load an exported folder: HF model + tokenizer, `fluid.json`, optional `horizon_head.safetensors`."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .export import load_export
 
         path = Path(path)
-        meta_path = path / "fluid.json"
-        if not meta_path.is_file():
-            raise FluidError(f"{meta_path} not found: is {path} a FLUID export?")
-        meta = json.loads(meta_path.read_text())
-        if "mask_token_id" not in meta:
-            raise FluidError(f"{meta_path} has no mask_token_id")
-        kwargs = {"use_safetensors": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        model, tokenizer, meta = load_export(path, dtype=dtype or torch.float32)  # validates fluid.json
+        if tokenizer is None:
             raise FluidError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(path)
         head_path = path / "horizon_head.safetensors"
         head = HorizonHead.load(head_path) if head_path.is_file() else None
-        return cls(model, tokenizer, mask_token_id=int(meta["mask_token_id"]), k_max=int(meta.get("k_max", 16)),
+        return cls(model, tokenizer, mask_token_id=int(meta["mask_token_id"]), k_max=int(meta["k_max"]),
                    horizon_head=head, device=device, policy_defaults=meta.get("policy_defaults"))
 
     def encode(self, text: str) -> list[int]:

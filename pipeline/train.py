@@ -40,14 +40,14 @@ def lr_lambda(step: int, *, warmup: int, total: int, floor: float = 0.1) -> floa
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device_and_dtype(cfg: FluidConfig) -> tuple[torch.device, torch.dtype, bool]:
-    """(device, parameter dtype for loading, use bf16 mixed precision)."""
+def resolve_device(cfg: FluidConfig) -> tuple[torch.device, bool]:
+    """(device, use bf16 mixed precision). Parameters always load in fp32; FSDP2 casts on CUDA."""
     cuda = cfg.train.use_gpu and torch.cuda.is_available()
     if cfg.train.use_gpu and not cuda:
         raise FluidError("train.use_gpu is true but this worker has no CUDA device")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     mixed = cuda and cfg.model.dtype in ("auto", "bfloat16")
-    return device, torch.float32, mixed
+    return device, mixed
 
 
 def build_model(cfg: FluidConfig, model_path: str, mask_token_id: int, device: torch.device):
@@ -84,7 +84,7 @@ def local_batches(dataset_iter, *, micro_global: int, rank: int, world: int, ski
 
 def evaluate(model, dataset_iter, cfg: FluidConfig, device, *, max_batches: int, micro_global: int) -> dict:
     """Held-out AR CE and draft CE per k, exact over all ranks (sums and counts all-reduced)."""
-    from pipeline.losses import metrics_from_sums, target_sums
+    from pipeline.losses import bidirectional_loss, metrics_from_sums, target_sums
     from pipeline.model import forward_batch
 
     rank, world = _world()
@@ -99,10 +99,9 @@ def evaluate(model, dataset_iter, cfg: FluidConfig, device, *, max_batches: int,
                 break
             logits = forward_batch(model, batch, mode=cfg.noise.mode)
             if cfg.noise.mode == "bidirectional":  # masked-token CE (unshifted targets, k = 0) → slot 1
-                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                                       ignore_index=-100, reduction="sum")
-                sums[1] += ce.double()
-                counts[1] += float((batch["labels"] != -100).sum())
+                _, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
+                sums[1] += m["masked_ce"] * m["n_masked"]
+                counts[1] += m["n_masked"]
                 continue
             s, c = target_sums(logits, batch["labels"], batch["k"], k_max=k_max)
             sums += s.double()
@@ -123,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     if loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))
-    device, _, mixed = resolve_device_and_dtype(cfg)
+    device, mixed = resolve_device(cfg)
     model = build_model(cfg, loop_config["model_path"], loop_config["mask_token_id"], device)
     from pipeline.parallelize import apply_activation_checkpointing, apply_fsdp2, apply_lora
 

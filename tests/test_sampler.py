@@ -309,8 +309,10 @@ def test_from_export_and_head_roundtrip(tmp_path, model, tok, mask_id):
     tok.save_pretrained(tmp_path)
     head = HorizonHead(model.config.hidden_size, 8)
     head.save(tmp_path / "horizon_head.safetensors")
-    (tmp_path / "fluid.json").write_text(json.dumps(
-        {"mask_token_id": mask_id, "k_max": 8, "policy_defaults": {"policy": "khead", "gamma": 2.0, "max_horizon": 4}}))
+    (tmp_path / "fluid.json").write_text(json.dumps(  # a complete export record (pipeline/export.py)
+        {"format_version": 1, "mask_token": "[M]", "mask_token_id": mask_id, "k_max": 8,
+         "policy_defaults": {"policy": "khead", "gamma": 2.0, "max_horizon": 4},
+         "base_model": {"spec": "tiny", "sha256": None}, "data_config": {}, "train_config": {}}))
     s = Sampler.from_export(tmp_path)
     loaded = s.horizon_head
     h = torch.randn(3, model.config.hidden_size)
