@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     validate(cfg)
     storage = check_storage(cfg.train.storage_path)
 
-    from pipeline.corpus import list_sources
-    from pipeline.model_source import resolve_model
+    from pipeline.sources.corpus import list_sources
+    from pipeline.sources.model_source import resolve_model
 
     list_sources(cfg.data.corpus, cache_dir=cfg.model.cache_dir, val_fraction=cfg.data.val_fraction,
                  test_fraction=cfg.data.test_fraction, split_seed=cfg.data.split_seed)  # fails early if empty
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str | None = None) -> dict:
-    from pipeline.data import init_ray
+    from pipeline.data.ray_pipeline import init_ray
 
     init_ray(**({"address": ray_address} if ray_address else
                 {"num_cpus": max(4, cfg.train.workers * cfg.train.cpus_per_worker + 2)}))
@@ -104,9 +104,9 @@ def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str |
 
 def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
     """Materialized `train` (enough epochs for max_steps, each noised with its own epoch seed) and
-    `validation` datasets, in the deterministic order of pipeline/data.py (seeded shuffle included).
+    `validation` datasets, in the deterministic order of pipeline/data/ray_pipeline.py (seeded shuffle included).
     With `data.preprocessed`, the train rows come from `fluid preprocess` Parquet shards instead."""
-    from pipeline.data import build_dataset, read_preprocessed
+    from pipeline.data.ray_pipeline import build_dataset, read_preprocessed
 
     columns = batch_columns(cfg)
 
@@ -143,9 +143,9 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
 
 
 def batch_columns(cfg: FluidConfig) -> list[str]:
-    from pipeline.train import BATCH_COLUMNS
+    from pipeline.batch import columns_for
 
-    return list(BATCH_COLUMNS) + (["weight"] if cfg.noise.mode == "bidirectional" else [])
+    return list(columns_for(cfg.noise.mode))
 
 
 def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
@@ -153,7 +153,7 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train import train_loop_per_worker
+    from pipeline.train.loop import train_loop_per_worker
 
     run_dir = f"{storage.rstrip('/')}/{cfg.train.run_name}"
     local_run_dir = run_dir if "://" not in run_dir else str(Path("runs") / cfg.train.run_name)

@@ -29,7 +29,7 @@ from jobs.common import parse_job_args, run_job
 
 def bounded_corpus(cfg, folder: Path, max_docs: int | None, max_tokens: int | None, tokenizer) -> tuple[int, int]:
     """Copy the first train documents (at most max_docs / about max_tokens) as .txt files into folder."""
-    from pipeline.corpus import iter_documents, list_sources
+    from pipeline.sources.corpus import iter_documents, list_sources
 
     d = cfg.data
     sources = list_sources(d.corpus, cache_dir=cfg.model.cache_dir, val_fraction=d.val_fraction,
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actors", default="1,2", help="tokenizer actor counts to try, comma-separated")
     args, cfg = parse_job_args(parser, argv)
 
-    from pipeline import data
-    from pipeline.model_source import resolve_model
+    from pipeline.data import ray_pipeline as data
+    from pipeline.sources.model_source import resolve_model
 
     resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
     tokenizer = data.load_fast_tokenizer(resolved.path)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
+from pipeline.decode.sampler import GenerationRequest, Sampler
 from pipeline.errors import FluidError
-from pipeline.policies import DEFAULT_GAMMA, POLICIES
-from pipeline.sampler import GenerationRequest, Sampler
 
 DEFAULT_PROMPTS = [
     "The history of the city begins",
@@ -63,22 +63,13 @@ def load_sampler(args) -> Sampler:
     if args.model_dir is None:
         model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
         return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device)
-    path = Path(args.model_dir)
-    if not path.is_dir():
-        raise FluidError(f"--model-dir {path} is not a folder")
-    if (path / "fluid.json").is_file() and args.mask_token_id is None:
-        return Sampler.from_export(path, device=args.device)
-    if args.mask_token_id is None:
-        raise FluidError(f"{path} has no fluid.json: give --mask-token-id")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.decode.load import load_sampler as load
 
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(path)
-    if args.mask_token_id >= model.get_input_embeddings().num_embeddings:
-        from pipeline.model import add_mask_token
-
-        add_mask_token(model, args.mask_token_id)  # an untrained [M] row (mean embedding): the worst case
-    return Sampler(model, tok, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device)
+    if not Path(args.model_dir).is_dir():
+        raise FluidError(f"--model-dir {args.model_dir} is not a folder")
+    if args.mask_token_id is None and not (Path(args.model_dir) / "fluid.json").is_file():
+        raise FluidError(f"{args.model_dir} has no fluid.json: give --mask-token-id")
+    return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device)
 
 
 def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
@@ -109,7 +100,7 @@ def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, 
 def corpus_prompts(n: int, split: str = "test", chars: int = 240) -> list[str]:
     """N prompts from held-out documents of the default corpus: `chars` characters ending at a line
     break, at evenly spaced positions (deterministic, so reruns and re-measurements use the same)."""
-    from pipeline.corpus import iter_documents, list_sources
+    from pipeline.sources.corpus import iter_documents, list_sources
 
     docs = [d.text for d in iter_documents(list_sources(["default"]), split=split)]
     text = "\n".join(docs)
@@ -130,8 +121,8 @@ def load_base_model(args, sampler: Sampler):
         spec = json.loads((Path(args.model_dir) / "fluid.json").read_text()).get("base_model", {}).get("spec")
     if not spec:
         return sampler.model
-    from pipeline.model import load_causal_lm
-    from pipeline.model_source import resolve_model
+    from pipeline.model.causal_lm import load_causal_lm
+    from pipeline.sources.model_source import resolve_model
 
     return load_causal_lm(resolve_model(spec).path).eval().to(sampler.device)
 

@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 def export_checkpoint(checkpoint: str, output: str) -> Path:
     import tempfile
 
-    from pipeline.checkpoint import load_model_weights, read_trainer_state
     from pipeline.config import from_dict
-    from pipeline.model_source import resolve_model
-    from pipeline.train import build_model, export_meta
+    from pipeline.model.causal_lm import build_model
+    from pipeline.sources.model_source import resolve_model
+    from pipeline.train.checkpoint import load_model_weights, read_trainer_state
+    from pipeline.train.export import export_meta
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(checkpoint)
@@ -53,13 +54,13 @@ def export_checkpoint(checkpoint: str, output: str) -> Path:
 
         model = build_model(cfg, str(resolved.path), resolved.mask_token_id, torch.device("cpu"))
         if cfg.train.lora_rank > 0:
-            from pipeline.parallelize import apply_lora
+            from pipeline.model.parallelize import apply_lora
 
             model = apply_lora(model, rank=cfg.train.lora_rank)
         load_model_weights(local, model)
         from transformers import AutoTokenizer
 
-        from pipeline.export import export_hf
+        from pipeline.train.export import export_hf
 
         meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), int(state["step"]))
         return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta)

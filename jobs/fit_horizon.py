@@ -3,7 +3,7 @@
 Freezes the adapted model of an export folder, runs it over held-out (validation) sequences with
 full-length draft spans at random cursors, computes the oracle horizon K* of every span (τ =
 `horizon.tau`), trains the two-layer K-head with KL to a Gaussian soft target around K*
-(pipeline/horizon_fit.py), and saves it as `horizon_head.safetensors` in the export folder (the
+(pipeline/decode/horizon_fit.py), and saves it as `horizon_head.safetensors` in the export folder (the
 `khead` policy of the sampler loads it), recording τ, σ and the fit metrics in `fluid.json`.
 Workers split the sequences; the pairs are gathered and every worker fits the same head (seeded).
 """
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", required=True, help="export folder written by `fluid adapt` (local or shared)")
     args, cfg = parse_job_args(parser, argv)
-    from pipeline.export import read_meta
+    from pipeline.train.export import read_meta
 
     export = Path(args.export)
     meta = read_meta(export)
@@ -48,7 +48,8 @@ def fit(cfg, export: Path, meta: dict) -> dict:
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import build_dataset, init_ray
+    from pipeline.batch import COLUMNS
+    from pipeline.data.ray_pipeline import build_dataset, init_ray
 
     init_ray()
     noise = dataclasses.replace(cfg.noise, k_max=int(meta["k_max"]), span_distribution="fixed", rho=0.0,
@@ -57,7 +58,7 @@ def fit(cfg, export: Path, meta: dict) -> dict:
     ds = build_dataset(data, noise, tokenizer_path=str(export), mask_token_id=int(meta["mask_token_id"]),
                        split="validation", epoch=0, cache_dir=cfg.model.cache_dir)
     ds = ds.limit(cfg.horizon.examples).select_columns(
-        ["input_ids", "position_ids", "span_id", "anchor", "labels", "k"]).materialize()
+        list(COLUMNS)).materialize()
     if ds.count() == 0:
         raise FluidError("the validation split has no sequences to fit the horizon head on")
     trainer = TorchTrainer(
@@ -79,8 +80,8 @@ def _loop(config: dict) -> None:
     import torch.distributed as dist
 
     from pipeline.config import from_dict
-    from pipeline.export import load_export
-    from pipeline.horizon_fit import collect_pairs, fit_head, oracle_horizon
+    from pipeline.decode.horizon_fit import collect_pairs, fit_head, oracle_horizon
+    from pipeline.train.export import load_export
 
     cfg = from_dict(config["fluid"])
     k_max = int(config["k_max"])

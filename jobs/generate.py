@@ -1,7 +1,7 @@
 """`fluid generate`: generate text with the elastic-horizon sampler and print the statistics.
 
 `--model` is an export folder of `fluid adapt` (fluid.json: mask id, K_max, policy defaults, and
-the horizon head if fitted) or any model spec of pipeline/model_source.py (e.g. the built-in
+the horizon head if fitted) or any model spec of pipeline/sources/model_source.py (e.g. the built-in
 `smollm2-135m`), whose mask token is then untrained — useful to check the never-slower-than-AR
 fallback. Sampler settings come from `--policy/--gamma/…` or the `sampler` config section.
 
@@ -12,26 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jobs.common import parse_job_args, run_job
 from pipeline.errors import FluidError
-
-
-def load_sampler(spec: str, *, cache_dir=None, k_max: int = 16):
-    from pipeline.sampler import Sampler
-
-    if Path(spec).is_dir() and (Path(spec) / "fluid.json").is_file():
-        return Sampler.from_export(spec)
-    from transformers import AutoTokenizer
-
-    from pipeline.model import add_mask_token, load_causal_lm
-    from pipeline.model_source import resolve_model
-
-    resolved = resolve_model(spec, cache_dir)
-    model = add_mask_token(load_causal_lm(resolved.path), resolved.mask_token_id)
-    return Sampler(model, AutoTokenizer.from_pretrained(resolved.path), mask_token_id=resolved.mask_token_id,
-                   k_max=k_max)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     args, cfg = parse_job_args(parser, argv)
-    from pipeline.sampler import GenerationRequest
+    from pipeline.decode.sampler import GenerationRequest
 
     s = cfg.sampler
+    from pipeline.decode.load import load_sampler
+
     sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max)
     prompts = args.prompt
     if args.chat:

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tokenize", action="store_true", help="count characters only (faster)")
     args, cfg = parse_job_args(parser, argv)
 
-    from pipeline.corpus import RecordStats, iter_documents, list_sources
-    from pipeline.model_source import resolve_model
+    from pipeline.sources.corpus import RecordStats, iter_documents, list_sources
+    from pipeline.sources.model_source import resolve_model
 
     t0 = time.time()
     resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)

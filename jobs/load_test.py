@@ -125,7 +125,7 @@ def format_table(rows: list[dict]) -> str:
 def export_tiny(out_dir: Path) -> Path:
     """A tiny random Llama export (byte-level BPE, untrained mask: drafts are noise) for smoke loads."""
     from jobs.bench_sampler import build_tiny
-    from pipeline.export import export_hf
+    from pipeline.train.export import export_hf
 
     model, tok, mask_id = build_tiny()
     meta = {"mask_token": "[M]", "mask_token_id": mask_id, "k_max": 8,
@@ -139,7 +139,7 @@ def start_local_server(cfg, clients: int) -> str:
     import ray
     from ray import serve
 
-    from pipeline.serve import build_app
+    from pipeline.serve.app import build_app
 
     sc = cfg.serve
     sc.host = "127.0.0.1"
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FluidError(f"--url {base}: this load test only targets 127.0.0.1/localhost")
         base = base.rstrip("/")
         headers = {}
-        from pipeline.openai_api import load_api_key
+        from pipeline.serve.openai_api import load_api_key
 
         key = load_api_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
         if key:

@@ -4,7 +4,7 @@ In:  a config (`--config FILE.yaml`, `--data.corpus=…`, `--noise.k_max=…` ov
      model whose tokenizer is used (`model.spec`, resolved and cached; `[M]` added), packing and noise
      settings; `--output PATH` (local folder or fsspec URL), `--split`, `--epoch`.
 Out: Parquet shards under PATH (rows in the batch format of DESIGN.md §2.1 plus `seq_index`; training
-     reads them back with `pipeline.data.read_preprocessed`), the run summary printed as a table and
+     reads them back with `pipeline.data.ray_pipeline.read_preprocessed`), the run summary printed as a table and
      written as JSON next to the shards (`fluid_summary.json`). Ray Data shows its progress meanwhile.
 
 Expected errors (no output, empty corpus, missing path, output already holding shards) are one line.
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.output:
         raise FluidError("no output given: pass --output PATH (a folder or fsspec URL for the Parquet shards)")
 
-    from pipeline import data
-    from pipeline.model_source import resolve_model
+    from pipeline.data import ray_pipeline as data
+    from pipeline.sources.model_source import resolve_model
 
     existing = data.parquet_files(args.output)
     if existing and not args.overwrite:

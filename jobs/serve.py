@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipeline.openai_api import load_api_key
-    from pipeline.serve import build_app
+    from pipeline.serve.app import build_app
+    from pipeline.serve.openai_api import load_api_key
 
     app = build_app(sc)  # checks a local model path before anything starts
     ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)

@@ -53,7 +53,7 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def default_model():
     """The built-in SmolLM2-135M, resolved once per machine (download + conversion on first use)."""
-    from pipeline.model_source import resolve_model
+    from pipeline.sources.model_source import resolve_model
 
     return resolve_model("smollm2-135m")
 

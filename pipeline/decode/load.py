@@ -1,0 +1,62 @@
+"""One way to get a `Sampler`: from an export folder, or from a plain model with its `[M]` row.
+
+In:  an export folder (HF model + tokenizer + `fluid.json`, optional `horizon_head.safetensors`), a
+     local Hugging Face folder plus an explicit mask id, or any model spec (`pipeline.sources`).
+Out: a ready `Sampler` on the requested device and dtype.
+
+The export is the normal case (`fluid generate`, `fluid bench sampler`, the Serve replica). A plain
+model gets a mask row initialised from the mean embedding: its drafts are untrained, so `verify`
+runs at AR speed — the worst case, which the benchmarks measure on purpose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.sampler import Sampler
+from pipeline.errors import FluidError
+
+
+def is_export(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "fluid.json").is_file()
+
+
+def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                 mask_token_id: int | None = None, k_max: int = 16, cache_dir=None) -> Sampler:
+    """The Sampler of an export folder, or of a plain model (`mask_token_id` given, or a resolvable spec)."""
+    if is_export(spec) and mask_token_id is None:
+        return _from_export(Path(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    from transformers import AutoTokenizer
+
+    from pipeline.model.causal_lm import add_mask_token, load_causal_lm
+
+    if mask_token_id is not None:
+        path = Path(spec)
+        if not path.is_dir():
+            raise FluidError(f"{spec} is not a folder (an explicit mask token id needs a local model folder)")
+    else:
+        from pipeline.sources.model_source import resolve_model
+
+        resolved = resolve_model(str(spec), cache_dir)
+        path, mask_token_id = resolved.path, resolved.mask_token_id
+    model = load_causal_lm(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                           use_safetensors=True)
+    add_mask_token(model, mask_token_id)  # idempotent; a new row is untrained (mean embedding)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return Sampler(model, tokenizer, mask_token_id=mask_token_id, k_max=k_max, device=device)
+
+
+def _from_export(path: Path, *, device, dtype, trust_remote_code: bool) -> Sampler:
+    from pipeline.train.export import load_export
+
+    model, tokenizer, meta = load_export(path, dtype=dtype or torch.float32,  # validates fluid.json
+                                         trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise FluidError(f"{path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    head_path = path / "horizon_head.safetensors"
+    head = HorizonHead.load(head_path) if head_path.is_file() else None
+    return Sampler(model, tokenizer, mask_token_id=int(meta["mask_token_id"]), k_max=int(meta["k_max"]),
+                   horizon_head=head, device=device, policy_defaults=meta.get("policy_defaults"))

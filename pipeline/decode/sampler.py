@@ -1,0 +1,432 @@
+"""Elastic-horizon sampler with an exact KV cache (DESIGN.md §2.2). Plain torch + transformers, no Ray.
+
+Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
+step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens
+whose positions continue the sequence. The output at the last clean token is the exact AR prediction;
+the masks' outputs are the drafts. After committing (policies.py), the mask and rejected entries are
+dropped from the cache; the prefix is never recomputed.
+
+Batching: rows are left-aligned in the step's [B, W] input and right-padded. One cache holds all rows;
+entries a row did not keep become holes, tracked in `valid` [B, S] and hidden by an explicit 4-D mask
+(position ids are per row). Holes are compacted away from time to time (kvcache.compact_rows).
+With one row, or when nothing is ragged, no mask is passed and the model's own causal mask is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.decode import kvcache
+from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.policies import (
+    ELASTIC,
+    ElasticHorizon,
+    GenerationRequest,
+    InvalidRequest,
+    Resolved,
+    gated_length,
+    resolve,
+    sample,
+    sampling_probs,
+    speculative_accept,
+)
+from pipeline.errors import FluidError
+
+__all__ = ["GenerationRequest", "GenerationResult", "GenerationStats", "Sampler", "StreamChunk", "TextDeltas"]
+
+
+@dataclass
+class GenerationStats:
+    policy: str
+    forwards: int = 0
+    tokens: int = 0
+    tokens_per_forward: float = 0.0
+    accepted_hist: dict[int, int] = field(default_factory=dict)  # tokens committed by a forward -> count
+    mask_tokens: int = 0  # mask tokens fed in all (the drafting cost)
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens; EOS and anything after a stop are not included
+    text: str  # decoded, cut before the first stop string
+    finish_reason: str  # "stop" | "length" | "eos"
+    prompt_tokens: int
+    stats: GenerationStats
+
+
+@dataclass
+class StreamChunk:
+    token_ids: list[int]  # tokens committed by this step
+    text: str  # text delta (never a broken UTF-8 character or the start of a possible stop string)
+    finish_reason: str | None = None
+    result: GenerationResult | None = None  # on the last chunk
+
+
+class _Row:
+    """Decoding state of one request."""
+
+    def __init__(self, r: Resolved):
+        self.r = r
+        self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
+        self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
+        self.draft_q: list[torch.Tensor] = []  # their proposal distributions (verify, temperature > 0)
+        self.pos = 0  # this row's tokens in the cache = position of feed[0]
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self.text: str | None = None
+        # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
+        self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
+        self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
+        self.observe_from = 0  # index in `generated` of observe[0]
+        self.prev_hidden: torch.Tensor | None = None
+        self.gen = torch.Generator()
+        if r.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(int(r.seed))
+        self.stats = GenerationStats(r.policy)
+        self.t0 = time.perf_counter()
+
+
+class _Decoder:
+    """Batched decoding of several requests; `step()` runs one forward for all active rows."""
+
+    def __init__(self, sampler: Sampler, resolved: list[Resolved]):
+        self.s = sampler
+        self.rows = [_Row(r) for r in resolved]
+        self.active = list(self.rows)
+        self.cache = DynamicCache(config=sampler.model.config)
+        kvcache.check_supported(self.cache)
+        self.valid = torch.zeros((len(self.rows), 0), dtype=torch.bool, device=sampler.device)
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def _horizon(self, row: _Row) -> int:
+        r = row.r
+        if r.policy == "ar":
+            k = 1
+        elif r.policy in ELASTIC:
+            k = row.horizon.k
+            if r.policy == "verify" and (row.observe or (row.n_drafts and row.horizon.probing)):
+                k = 1  # a probe's verdict is pending: no more drafts until it is known
+        elif r.policy == "khead":
+            k = 1 if row.prev_hidden is None else int(self.s.horizon_head.predict(row.prev_hidden))
+            if row.horizon.k == 1:
+                k = 1  # the head's horizons keep failing: plain AR until the controller's next probe
+        else:
+            k = r.max_horizon
+        remaining = r.max_tokens - len(row.generated)
+        if r.policy == "verify":
+            remaining -= row.n_drafts + 1  # the pending block may commit n_drafts + 1 tokens first
+        return max(1, min(k, r.max_horizon, remaining))
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, list[int]]]:
+        """One forward for all active rows; returns (row, tokens committed) per row. A caller may end a
+        row between steps by setting `row.finish` (e.g. "cancelled"): it is dropped before the forward."""
+        self._drop_finished()
+        if not self.active:
+            return []
+        s, rows = self.s, self.active
+        ks = [self._horizon(row) for row in rows]
+        blocks = [row.feed + [s.mask_token_id] * (k - 1) for row, k in zip(rows, ks, strict=True)]
+        lens = torch.tensor([len(b) for b in blocks])
+        b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(self.cache)
+        ids = torch.full((b_sz, width), s.mask_token_id, dtype=torch.long)
+        for i, blk in enumerate(blocks):
+            ids[i, : len(blk)] = torch.tensor(blk)
+        pos = torch.tensor([row.pos for row in rows])[:, None] + torch.arange(width)[None, :]
+        mask = None
+        if bool((lens != width).any()) or not bool(self.valid.all()):
+            mask = self._mask(lens, past, width)
+        first = [len(row.feed) - 1 - row.n_drafts for row in rows]  # first output each row reads
+        keep = width - min(first)
+        want_hidden = any(row.r.policy == "khead" for row in rows)
+        out = s.model(input_ids=ids.to(s.device), position_ids=pos.to(s.device), attention_mask=mask,
+                      use_cache=True, logits_to_keep=keep, output_hidden_states=want_hidden,
+                      **{s.cache_kwarg: self.cache})
+        logits = out.logits.float()
+        logits[..., s.banned_ids] = float("-inf")
+        off = width - keep
+        keeps, events = [], []
+        for b, (row, k) in enumerate(zip(rows, ks, strict=True)):
+            lg = logits[b, first[b] - off : int(lens[b]) - off]
+            if row.r.policy == "verify":
+                tokens, kept = self._verify(row, lg)
+            else:
+                tokens, kept = self._draft(row, lg, k), len(row.feed)
+                if want_hidden:
+                    row.prev_hidden = out.hidden_states[-1][b, kept - 1].detach()
+                row.feed, row.n_drafts = list(tokens), 0
+            keeps.append(kept)
+            row.pos += kept
+            row.stats.mask_tokens += k - 1
+            events.append((row, self._commit(row, tokens)))
+            if row.observe:
+                self._judge_probe(row)
+        self._update_cache(keeps, width)
+        return events
+
+    def _mask(self, lens: torch.Tensor, past: int, width: int) -> torch.Tensor:
+        dev = self.s.device
+        real = (torch.arange(width)[None, :] < lens[:, None]).to(dev)
+        key_ok = torch.cat([self.valid, real], dim=1)  # [B, past + W]
+        causal = torch.ones(width, past + width, dtype=torch.bool, device=dev).tril(diagonal=past)
+        m = key_ok[:, None, :] & causal[None]
+        diag = torch.arange(width, device=dev)
+        m[:, diag, past + diag] = True  # padding queries see themselves: no empty rows, no NaN
+        m = m[:, None]
+        if self.s.attn_impl == "sdpa":
+            return m
+        if self.s.attn_impl.startswith("flash"):
+            raise FluidError("batched rows of different lengths need a 4-D mask; load the model with "
+                             "attn_implementation='sdpa' or 'eager'")
+        out = torch.zeros(m.shape, dtype=self.s.model.dtype, device=dev)
+        return out.masked_fill_(~m, torch.finfo(out.dtype).min)
+
+    def _draft(self, row: _Row, lg: torch.Tensor, k: int) -> list[int]:
+        """Non-verify policies: lg [K, V] = the AR output then the K − 1 mask outputs."""
+        r = row.r
+        if r.temperature == 0:
+            chosen = lg.argmax(dim=-1)
+        else:
+            chosen = sample(sampling_probs(lg, r.temperature, r.top_p), row.gen).to(lg.device)
+        n = gated_length(r.policy, r.gamma, torch.softmax(lg, dim=-1), chosen) if k > 1 else 1
+        if row.horizon is not None:
+            row.horizon.update(k, n)
+        return chosen[:n].tolist()
+
+    def _verify(self, row: _Row, lg: torch.Tensor) -> tuple[list[int], int]:
+        """lg = AR outputs at b_1 … b_n, then the mask outputs. Returns (committed, cache entries kept)."""
+        r, nd = row.r, row.n_drafts
+        drafts = row.feed[len(row.feed) - nd :]
+        ar, masks = lg[: nd + 1], lg[nd + 1 :]
+        m = 0
+        if r.temperature == 0:
+            pred = ar.argmax(dim=-1).tolist()
+            while m < nd and drafts[m] == pred[m]:
+                m += 1
+            nxt = pred[m]
+        else:
+            p = sampling_probs(ar, r.temperature, r.top_p).cpu()
+            nxt = None
+            while m < nd and nxt is None:
+                ok, tok = speculative_accept(p[m], row.draft_q[m], drafts[m], row.gen)
+                m, nxt = (m + 1, None) if ok else (m, tok)
+            if nxt is None:
+                nxt = int(sample(p[nd : nd + 1], row.gen)[0])
+        kept = len(row.feed) - nd + m
+        if row.horizon is not None:
+            row.horizon.update(nd + 1, m + 1)
+        new, qs = [], []
+        if m == nd and masks.shape[0]:
+            if r.temperature == 0:
+                new = self._propose(row, masks)
+                if row.horizon is not None and row.horizon.probing:
+                    # A probe is only observed: its drafts are compared with the tokens the next
+                    # AR steps commit, so a failing probe costs one mask token, not a wider forward.
+                    row.observe, row.observe_from, new = new, len(row.generated) + m + 1, []
+            else:
+                q = sampling_probs(masks, r.temperature, r.top_p).cpu()
+                new, qs = sample(q, row.gen).tolist(), list(q)
+        row.feed, row.n_drafts, row.draft_q = [nxt, *new], len(new), qs
+        return [*drafts[:m], nxt], kept
+
+    def _judge_probe(self, row: _Row) -> None:
+        """Give the horizon controller the verdict on an observed probe once it is known."""
+        obs, start, gen = row.observe, row.observe_from, row.generated
+        seen = min(len(obs), len(gen) - start)
+        hits = next((j for j in range(seen) if gen[start + j] != obs[j]), seen)
+        if hits < seen or seen == len(obs):
+            row.horizon.update(len(obs) + 1, hits + 1)
+            row.observe = []
+
+    def _propose(self, row: _Row, masks: torch.Tensor) -> list[int]:
+        """Greedy drafts for `verify` (the argmax of each mask output); tests swap in oracle drafts."""
+        return masks.argmax(dim=-1).tolist()
+
+    def _commit(self, row: _Row, tokens: list[int]) -> list[int]:
+        """Append tokens, trimming exactly at EOS, max_tokens or a stop string (as AR would stop)."""
+        r, s = row.r, self.s
+        base, out, reason = len(row.generated), [], None
+        for t in tokens:
+            if r.stop_on_eos and t in s.eos_ids:
+                reason = "eos"
+                break
+            out.append(t)
+            if base + len(out) >= r.max_tokens:
+                reason = "length"
+                break
+        row.generated.extend(out)
+        if r.stop and out:
+            text = s.decode(row.generated)
+            if _find_stop(text, r.stop) is not None:
+                for j in range(1, len(out) + 1):
+                    text = s.decode(row.generated[: base + j])
+                    hit = _find_stop(text, r.stop)
+                    if hit is not None:
+                        break
+                del row.generated[base + j :]
+                out, reason, row.text = out[:j], "stop", text[:hit]
+        st = row.stats
+        st.forwards += 1
+        st.tokens = len(row.generated)
+        st.accepted_hist[len(out)] = st.accepted_hist.get(len(out), 0) + 1
+        if reason is not None:
+            row.finish = reason
+            if row.text is None:
+                row.text = s.decode(row.generated)
+            st.tokens_per_forward = st.tokens / st.forwards
+            st.wall_time_s = time.perf_counter() - row.t0
+        return out
+
+    def _update_cache(self, keeps: list[int], width: int) -> None:
+        dev = self.s.device
+        kmax = max(keeps)
+        kvcache.drop_last(self.cache, width - kmax)
+        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self._drop_finished()
+        if not self.active:
+            return
+        size = self.valid.shape[1]
+        holes = size - int(self.valid.sum(dim=1).max())
+        if holes and (len(self.active) == 1 or holes >= max(self.s.compact_min, size // 8)):
+            self.valid = kvcache.compact_rows(self.cache, self.valid)
+
+    def _drop_finished(self) -> None:
+        alive = [i for i, row in enumerate(self.active) if row.finish is None]
+        if len(alive) == len(self.active):
+            return
+        if alive and kvcache.cache_len(self.cache):
+            idx = torch.tensor(alive, device=self.s.device)
+            kvcache.select_rows(self.cache, idx)
+            self.valid = self.valid[idx]
+        elif alive:
+            self.valid = self.valid[alive]
+        self.active = [self.active[i] for i in alive]
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class TextDeltas:
+    """Incremental text: re-decode, emit only the stable new suffix."""
+
+    def __init__(self, decode, stops: list[str]):
+        self.decode, self.stops, self.emitted = decode, stops, ""
+
+    def push(self, ids: list[int], final: str | None = None) -> str:
+        if final is None:
+            stable = self.decode(ids).rstrip("\ufffd")  # an incomplete UTF-8 character decodes to U+FFFD
+            hold = max((n for x in self.stops for n in range(1, len(x)) if stable.endswith(x[:n])), default=0)
+            stable = stable[: len(stable) - hold]
+        else:
+            stable = final
+        if len(stable) <= len(self.emitted) or not stable.startswith(self.emitted):
+            return ""
+        delta, self.emitted = stable[len(self.emitted) :], stable
+        return delta
+
+
+class Sampler:
+    """Elastic-horizon decoding of a causal LM whose vocabulary includes the mask token."""
+
+    def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = 16,
+                 horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None):
+        if not isinstance(k_max, int) or k_max < 1:
+            raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if not 0 <= int(mask_token_id) < vocab:
+            raise InvalidRequest(f"mask_token_id {mask_token_id} is outside the model vocabulary (size {vocab})")
+        if device is not None:
+            model = model.to(device)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        self.mask_token_id, self.k_max = int(mask_token_id), k_max
+        self.policy_defaults = dict(policy_defaults or {})
+        eos = set()
+        for src in (getattr(tokenizer, "eos_token_id", None),
+                    getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            eos.update([src] if isinstance(src, int) else list(src or []))
+        self.eos_ids = frozenset(eos)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        banned = [self.mask_token_id]
+        if pad is not None and pad not in self.eos_ids and pad != self.mask_token_id:
+            banned.append(int(pad))
+        self.banned_ids = torch.tensor(banned, device=self.device)
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.attn_impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.compact_min = 16  # compact the batch cache when this many (or S/8) columns are holes
+        if horizon_head is not None:
+            hidden = getattr(model.config, "hidden_size", None)
+            if hidden is not None and horizon_head.hidden_size != hidden:
+                raise FluidError(f"the horizon head reads hidden size {horizon_head.hidden_size}, "
+                                 f"the model has {hidden}")
+            horizon_head = horizon_head.to(self.device).eval()
+        self.horizon_head = horizon_head
+
+    @classmethod
+    def from_export(cls, path, *, device=None, dtype=None, trust_remote_code: bool = False) -> Sampler:
+        """Load an exported folder: HF model + tokenizer, `fluid.json`, optional `horizon_head.safetensors`."""
+        from pipeline.decode.load import load_sampler
+
+        return load_sampler(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def resolve(self, req: GenerationRequest) -> Resolved:
+        r = resolve(req, k_max=self.k_max, defaults=self.policy_defaults, encode=self.encode, context=self.context)
+        if r.policy == "khead" and self.horizon_head is None:
+            raise InvalidRequest("policy 'khead' needs a horizon head (horizon_head.safetensors); none is loaded")
+        return r
+
+    def decoder(self, requests: list[GenerationRequest]) -> _Decoder:
+        """A step-by-step decoder (for serving loops and tests); `generate` runs one to the end."""
+        return _Decoder(self, [self.resolve(q) for q in requests])
+
+    def generate(self, requests: list[GenerationRequest] | GenerationRequest) -> list[GenerationResult]:
+        single = isinstance(requests, GenerationRequest)
+        reqs = [requests] if single else list(requests)
+        if not reqs:
+            return []
+        dec = self.decoder(reqs)
+        while not dec.done:
+            dec.step()
+        return [self.result(row) for row in dec.rows]
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
+        dec = self.decoder([request])
+        row = dec.rows[0]
+        deltas = TextDeltas(self.decode, row.r.stop)
+        while not dec.done:
+            [(_, toks)] = dec.step()
+            if row.finish is None:
+                yield StreamChunk(toks, deltas.push(row.generated))
+            else:
+                res = self.result(row)
+                yield StreamChunk(toks, deltas.push(row.generated, final=res.text), row.finish, res)
+
+    def result(self, row: _Row) -> GenerationResult:
+        """The finished result of a decoder row."""
+        return GenerationResult(list(row.generated), row.text, row.finish, len(row.r.prompt_ids), row.stats)

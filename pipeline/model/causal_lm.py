@@ -1,0 +1,179 @@
+"""Loading a causal LM, adding the `[M]` mask token, and the two-stream forward (DESIGN.md §2.1).
+
+In:  a Hugging Face model path or directory; a batch dict of [B, T] int tensors following the
+     batch-format table (`input_ids`, `position_ids`, `span_id`, `anchor`; other columns ignored).
+Out: a `PreTrainedModel` (AutoModelForCausalLM); logits [B, T, V] for the batch.
+
+The dense [B, 1, T, T] attention mask is built here, on the batch's device, from the three short
+per-token vectors. transformers 5 returns a 4-D mask unchanged (`masking_utils` exits early) and its
+SDPA path sets `is_causal=False` whenever a mask is given, so a custom 4-D mask fully defines who
+attends to whom: the bidirectional baseline needs no model surgery (tests check both directions).
+SDPA gets a boolean mask (True = may attend); eager adds the mask to the scores, so it gets the
+additive float form — a boolean mask there would silently add 1.0 / 0.0 instead of masking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import FluidError
+from pipeline.model.attention import (
+    annealed_bidirectional_mask,
+    bidirectional_mask,
+    to_additive,
+    two_stream_mask,
+)
+
+# Marker stored in the model config once `[M]` has its row (kept through save_pretrained), so that
+# add_mask_token is idempotent and never re-initialises a trained row of a reloaded model.
+MASK_MARKER = "fluid_mask_token_id"
+_MASK_IMPLS = {"sdpa", "eager"}
+
+
+def load_causal_lm(
+    path_or_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs,
+):
+    """Load `path_or_dir` with AutoModelForCausalLM; expected failures become FluidError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path_or_dir),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **from_pretrained_kwargs,
+        )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise FluidError(
+                f"{path_or_dir}: not a causal language model (AutoModelForCausalLM cannot load it: "
+                f"{str(e).splitlines()[0]}). Use a decoder-only model with a causal-LM head."
+            ) from e
+        raise FluidError(f"{path_or_dir}: cannot load model: {str(e).splitlines()[0]}") from e
+    except OSError as e:
+        raise FluidError(f"{path_or_dir}: cannot load model (missing or unreadable): {e}") from e
+    if model.get_output_embeddings() is None:
+        raise FluidError(f"{path_or_dir}: the loaded model has no output (LM head) embeddings")
+    return model
+
+
+@torch.no_grad()
+def add_mask_token(model, mask_token_id: int):
+    """Give `[M]` (= `mask_token_id`) an input embedding row initialised to the mean of the others.
+
+    Resizes the embeddings only if the id is outside the current matrix (HF's mean_resizing is off:
+    we initialise ourselves). An untied output head gets the mean of its other rows for `[M]`
+    (so its logit starts at the mean logit); rows of existing tokens are never touched. With tied
+    embeddings the `[M]` output row is the input row. Idempotent: a model whose config already
+    records this mask id is returned unchanged. Returns the model.
+    """
+    if mask_token_id < 0:
+        raise FluidError(f"mask_token_id must be >= 0, got {mask_token_id}")
+    done = getattr(model.config, MASK_MARKER, None)
+    emb = model.get_input_embeddings()
+    if done is not None:
+        if done != mask_token_id:
+            raise FluidError(f"model already has mask token id {done}; refusing to add {mask_token_id}")
+        if mask_token_id < emb.num_embeddings:
+            return model
+    n_old = emb.num_embeddings
+    if mask_token_id >= n_old:
+        model.resize_token_embeddings(mask_token_id + 1, mean_resizing=False)
+        emb = model.get_input_embeddings()
+    others = _rows_except(emb.weight.shape[0], mask_token_id, n_old, emb.weight.device)
+    emb.weight[mask_token_id] = emb.weight[others].mean(0)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        head_others = _rows_except(head.weight.shape[0], mask_token_id, n_old, head.weight.device)
+        if mask_token_id < head.weight.shape[0]:
+            head.weight[mask_token_id] = head.weight[head_others].mean(0)
+            if getattr(head, "bias", None) is not None:
+                head.bias[mask_token_id] = head.bias[head_others].mean()
+    setattr(model.config, MASK_MARKER, mask_token_id)
+    return model
+
+
+def _rows_except(n_rows: int, skip: int, n_old: int, device) -> torch.Tensor:
+    """Indices of the pre-existing rows (< n_old) other than `skip` (new rows are not averaged)."""
+    idx = torch.arange(min(n_rows, n_old), device=device)
+    return idx[idx != skip]
+
+
+def build_attention_mask(model, batch: dict[str, torch.Tensor], mode: str = "causal", *, anneal: float = 1.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The [B, 1, T, T] mask for `batch` in the form the model's attention implementation wants.
+
+    `anneal` < 1 (bidirectional mode only) lets each future token be seen with that probability
+    (DiffuLLaMA's attention-mask annealing, pipeline/model/attention.py)."""
+    span_id = batch["span_id"]
+    if mode == "causal":
+        mask = two_stream_mask(batch["position_ids"], span_id, batch["anchor"])
+    elif mode == "bidirectional":
+        mask = (bidirectional_mask(span_id) if anneal >= 1.0 else
+                annealed_bidirectional_mask(batch["position_ids"], span_id, anneal, generator))
+    else:
+        raise FluidError(f"unknown attention mode {mode!r} (expected 'causal' or 'bidirectional')")
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return to_additive(mask, _compute_dtype(model))
+    raise FluidError(
+        f"attention implementation {impl!r} cannot take a custom 4-D mask; load the model with "
+        f"attn_implementation='sdpa' or 'eager' (supported: {sorted(_MASK_IMPLS)})"
+    )
+
+
+def forward_outputs(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
+                    generator: torch.Generator | None = None, **model_kwargs):
+    """Run `model` on a two-stream (or bidirectional-baseline) batch; returns the model output
+    (`model_kwargs`, e.g. output_hidden_states=True, go to the model).
+
+    Never passes HF `labels=` (batch labels are already shifted). Padding rows get position 0.
+    """
+    input_ids = batch["input_ids"].long()
+    position_ids = batch["position_ids"].long().clamp_min(0)
+    mask = build_attention_mask(model, batch, mode, anneal=anneal, generator=generator)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                 **model_kwargs)
+
+
+def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of `forward_outputs`."""
+    return forward_outputs(model, batch, mode=mode, anneal=anneal, generator=generator).logits
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype activations are computed in (FSDP2 mixed precision casts parameters on the fly)."""
+    mp = getattr(model, "_fluid_param_dtype", None)
+    if mp is not None:
+        return mp
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
+    """The model a training run starts from: the pretrained weights (or, with `train.from_scratch`,
+    a random init of the same architecture), with the `[M]` row added, on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.train.from_scratch:
+        mcfg = AutoConfig.from_pretrained(model_path)
+        mcfg._attn_implementation = cfg.model.attn_implementation
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32)
+    else:
+        model = load_causal_lm(model_path, attn_implementation=cfg.model.attn_implementation,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    add_mask_token(model, mask_token_id)  # training forwards pass use_cache=False themselves
+    return model.to(device)

@@ -1,0 +1,222 @@
+"""Hugging Face export of an adapted model, with its FLUID metadata, and loading it back.
+
+In (export_hf): a trained model — plain, peft-wrapped (LoRA is merged) or FSDP2-sharded (every rank
+     must call; the full state dict is gathered to rank 0's CPU and only rank 0 writes) — its
+     tokenizer, and `fluid_meta` (the keys of REQUIRED_META; values may be None where unknown).
+Out: `out_dir/` with model.safetensors + config.json (save_pretrained), the tokenizer files and
+     `fluid.json`. Everything is written into a temporary sibling folder which is then renamed into
+     place, so a crash never leaves a half-written export (an old export is replaced whole).
+In/Out (load_export): the folder → (model, tokenizer or None, meta). Weights are read with
+     `use_safetensors=True` only (nothing is unpickled); fluid.json is validated first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import pipeline
+from pipeline.errors import FluidError
+
+FORMAT_VERSION = 1
+META_FILE = "fluid.json"
+REQUIRED_META = (
+    "mask_token", "mask_token_id", "k_max", "policy_defaults", "base_model", "data_config", "train_config",
+)
+_POLICY_KEYS = ("policy", "gamma", "max_horizon")
+_BASE_KEYS = ("spec", "sha256")
+
+
+def code_version() -> str:
+    """pipeline.__version__, plus '+g<commit>' when the source lives in a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(pipeline.__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{pipeline.__version__}+g{sha}" if sha else pipeline.__version__
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, torch.dtype):
+        return str(x).removeprefix("torch.")
+    return x
+
+
+def validate_meta(meta, where: str = "fluid metadata") -> dict:
+    """Check the fluid.json structure; returns it. Unknown extra keys are kept (e.g. a K-head)."""
+    if not isinstance(meta, dict):
+        raise FluidError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if version is None:
+        raise FluidError(f"{where}: missing format_version (not a FLUID export?)")
+    if version != FORMAT_VERSION:
+        raise FluidError(f"{where}: unknown format_version {version!r} (this code reads {FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise FluidError(f"{where}: missing keys {missing}")
+    if not isinstance(meta["mask_token_id"], int) or meta["mask_token_id"] < 0:
+        raise FluidError(f"{where}: mask_token_id must be a non-negative integer, got {meta['mask_token_id']!r}")
+    if not isinstance(meta["k_max"], int) or meta["k_max"] < 1:
+        raise FluidError(f"{where}: k_max must be a positive integer, got {meta['k_max']!r}")
+    for key, sub in (("policy_defaults", _POLICY_KEYS), ("base_model", _BASE_KEYS)):
+        if not isinstance(meta[key], dict) or any(s not in meta[key] for s in sub):
+            raise FluidError(f"{where}: {key} must be an object with keys {list(sub)}")
+    return meta
+
+
+def _full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full CPU state dict; collective when the model is FSDP2-sharded (all ranks must call)."""
+    from pipeline.model.parallelize import is_sharded
+
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _plain_model_to_save(model):
+    """An unsharded, LoRA-merged PreTrainedModel with the trained weights (rank 0 only)."""
+    from pipeline.model.parallelize import is_sharded
+
+    is_peft = callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config")
+    sharded = is_sharded(model)
+    if not is_peft and not sharded:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    state = _full_state_dict(model)
+    base = model.get_base_model() if is_peft else model
+    dtype = next(iter(v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    fresh = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    if is_peft:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, model.peft_config[model.active_adapter])
+    fresh.load_state_dict(state, strict=True)
+    return fresh.merge_and_unload() if is_peft else fresh
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict) -> Path | None:
+    """Write the export (see module docstring). Returns out_dir on rank 0, None on other ranks."""
+    meta = _jsonable(dict(fluid_meta))
+    meta.pop("code_version", None)
+    meta = {"format_version": FORMAT_VERSION, **meta, "code_version": code_version()}
+    validate_meta(meta)
+    from pipeline.model.parallelize import is_sharded
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if is_sharded(model) and rank != 0:
+        _full_state_dict(model)  # take part in the collective gather; rank 0 writes
+        dist.barrier()
+        return None
+    if rank != 0:  # unsharded replicas: every rank has the same weights, rank 0 writes
+        dist.barrier()
+        return None
+
+    out = Path(out_dir)
+    try:
+        to_save = _plain_model_to_save(model)
+        # inference wants the KV cache, whatever the training run set (HF generate reads these)
+        to_save.config.use_cache = True
+        if getattr(to_save, "generation_config", None) is not None:
+            to_save.generation_config.use_cache = True
+        vocab = to_save.get_input_embeddings().num_embeddings
+        if meta["mask_token_id"] >= vocab:
+            raise FluidError(f"mask_token_id {meta['mask_token_id']} is outside the model's {vocab} embeddings")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            to_save.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+            _replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if distributed:
+            dist.barrier()
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`; an existing `dst` is moved aside first and removed afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(export_dir: str | Path) -> dict:
+    """Read and validate `fluid.json` of an export folder."""
+    path = Path(export_dir) / META_FILE
+    if not path.is_file():
+        raise FluidError(f"{export_dir}: no {META_FILE} (not a FLUID export)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FluidError(f"{path}: corrupt JSON ({e})") from e
+    return validate_meta(meta, str(path))
+
+
+def load_export(export_dir: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False):
+    """Load an export → (model, tokenizer or None, meta); safetensors only, metadata validated.
+    `trust_remote_code` runs the model's own code (only when the user's config allows it)."""
+    from pipeline.model.causal_lm import MASK_MARKER, load_causal_lm
+
+    meta = read_meta(export_dir)
+    model = load_causal_lm(export_dir, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
+                           trust_remote_code=trust_remote_code)
+    vocab = model.get_input_embeddings().num_embeddings
+    if meta["mask_token_id"] >= vocab:
+        raise FluidError(f"{export_dir}: mask_token_id {meta['mask_token_id']} outside the {vocab} embeddings")
+    setattr(model.config, MASK_MARKER, meta["mask_token_id"])
+    tokenizer = None
+    if any((Path(export_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def export_meta(cfg, mask_token_id: int, base_sha256: str | None, step: int) -> dict:
+    """The `fluid.json` content of an export of a training run with config `cfg` after `step` steps."""
+    d = cfg.to_dict()
+    return {
+        "mask_token": cfg.model.mask_token,
+        "mask_token_id": mask_token_id,
+        "k_max": cfg.noise.k_max,
+        "policy_defaults": {"policy": cfg.sampler.policy, "gamma": cfg.sampler.gamma,
+                            "max_horizon": min(cfg.sampler.max_horizon, cfg.noise.k_max)},
+        "base_model": {"spec": cfg.model.spec, "sha256": base_sha256},
+        "data_config": {"data": d["data"], "noise": d["noise"]},
+        "train_config": {**d["train"], "steps_done": step},
+    }

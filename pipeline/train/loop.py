@@ -1,0 +1,136 @@
+"""Stage I causal-alignment training loop, run by every Ray Train worker (`train_loop_per_worker`).
+
+In:  the `FluidConfig` (as a dict), the resolved model folder and mask id, and Ray Datasets
+     `train` (and optionally `validation`) of two-stream rows (`pipeline.batch`) that every
+     worker reads whole, in the same deterministic order (`seq_order` column).
+Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, data-wait share) to
+     `ray.train.report` and to `<run_dir>/metrics.jsonl`; sharded DCP checkpoints every
+     `train.checkpoint_every` steps; a Hugging Face export at the end.
+
+The parts, each small: model set-up (`pipeline.model`), optimizer (`optim`), one step and the
+held-out evaluation (`step`, no Ray), metrics (`metrics`), checkpoints and resume (`checkpoint`),
+the export (`export`). This file only wires them to Ray Train.
+
+Determinism and exact resume: each optimizer step consumes the same global batch whatever the
+number of workers (worker r takes rows [r·b, (r+1)·b) of each global micro-batch), and resume
+skips the micro-batches already consumed. So an interrupted run that resumes from its last
+checkpoint ends with the same weights as an uninterrupted run (up to floating-point reduction
+order). The price: every worker reads every row; the compute of the model dominates anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import FluidConfig, from_dict
+from pipeline.train.metrics import MetricsLog, scalars
+from pipeline.train.step import agree, evaluate, local_batches, train_step, world
+
+
+def build_training(cfg: FluidConfig, loop_config: dict):
+    """(model, optimizer, scheduler, trainable params, device): loaded, wrapped and sharded."""
+    from pipeline.model.causal_lm import build_model
+    from pipeline.model.parallelize import (
+        apply_activation_checkpointing,
+        apply_fsdp2,
+        apply_lora,
+        resolve_device,
+    )
+    from pipeline.train.optim import build_optimizer
+
+    device, mixed = resolve_device(cfg.train.use_gpu, cfg.model.dtype)
+    model = build_model(cfg, loop_config["model_path"], loop_config["mask_token_id"], device)
+    if cfg.train.lora_rank > 0:
+        model = apply_lora(model, rank=cfg.train.lora_rank)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        apply_fsdp2(model, mixed_precision=mixed)
+    optimizer, scheduler, trainable = build_optimizer(model, cfg)
+    return model, optimizer, scheduler, trainable, device
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entrypoint: set up, resume, train to `max_steps` or the time budget, evaluate, export."""
+    import ray.train
+
+    from pipeline.train.checkpoint import report_checkpoint, restore_from_ray
+
+    cfg = from_dict(loop_config["fluid"])
+    rank, world_size = world()
+    torch.manual_seed(cfg.train.seed)
+    if loop_config.get("threads"):
+        torch.set_num_threads(int(loop_config["threads"]))
+    model, optimizer, scheduler, trainable, device = build_training(cfg, loop_config)
+    state = restore_from_ray(model, optimizer, scheduler)
+    start_step = int(state.get("step", 0))
+    if start_step and rank == 0:
+        print(f"[fluid] resumed from checkpoint at step {start_step}", flush=True)
+
+    run_dir = Path(loop_config["run_dir"])
+    log = MetricsLog(run_dir / "metrics.jsonl", rank)
+    micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
+    val_ds = ray.train.get_dataset_shard("validation") if loop_config.get("has_validation") else None
+    eval_batches = int(loop_config.get("eval_batches", 8))
+
+    def held_out() -> dict:
+        it = local_batches(val_ds, micro_global=micro_global, rank=rank, world=world_size, skip=0,
+                           device=device, mode=cfg.noise.mode)
+        return evaluate(model, it, cfg, device, max_batches=eval_batches)
+
+    if val_ds is not None and start_step == 0:
+        log.eval(0, held_out())
+
+    batches = local_batches(ray.train.get_dataset_shard("train"), micro_global=micro_global, rank=rank,
+                            world=world_size, skip=start_step * cfg.train.grad_accum, device=device,
+                            mode=cfg.noise.mode)
+    t_start = time.time() - float(state.get("elapsed_s", 0.0))
+    step = start_step
+    model.train()
+    while step < cfg.train.max_steps:
+        metrics = train_step(model, batches, optimizer, scheduler, trainable, cfg, step=step, device=device)
+        step += 1
+        metrics["elapsed_s"] = time.time() - t_start
+        log.write(metrics)
+        budget = cfg.train.time_budget_s
+        out_of_time = agree(budget is not None and metrics["elapsed_s"] >= budget, device)
+        if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time:
+            report_checkpoint(model, optimizer, scheduler, step, metrics, cfg)
+        else:
+            ray.train.report(scalars(metrics))
+        _maybe_inject_failure(cfg, run_dir, step, rank)
+        if out_of_time:
+            if rank == 0:
+                print(f"[fluid] time budget of {budget:.0f} s reached at step {step}", flush=True)
+            break
+
+    if val_ds is not None:
+        log.eval(step, held_out())
+    if loop_config.get("export_dir"):
+        _export(model, cfg, loop_config, loop_config["export_dir"], step)
+
+
+def _maybe_inject_failure(cfg: FluidConfig, run_dir: Path, step: int, rank: int) -> None:
+    """`train.fail_at_step`: fail once at that step (a marker file in the run folder), to test recovery."""
+    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or (run_dir / ".failed_once").exists():
+        return
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".failed_once").write_text(str(step))
+    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+
+def _export(model, cfg: FluidConfig, loop_config: dict, export_dir: str, step: int) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.train.export import export_hf, export_meta
+
+    rank, _ = world()
+    tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"]) if rank == 0 else None
+    meta = export_meta(cfg, loop_config["mask_token_id"], loop_config.get("base_sha256"), step)
+    out = export_hf(model, tokenizer, export_dir, fluid_meta=meta)
+    if out is not None:
+        print(f"[fluid] exported Hugging Face folder to {out}", flush=True)

@@ -1,0 +1,145 @@
+"""One optimizer step and one held-out evaluation, on any iterator of batches — no Ray here.
+
+In:  the model (plain, LoRA-wrapped or FSDP2-sharded), batches in the format of `pipeline.batch`
+     (this rank's slice, on the device), the `FluidConfig`.
+Out: `train_step` → per-step metrics (loss, AR CE, draft CE per k, tokens, data wait) after one
+     optimizer update over `train.grad_accum` micro-batches; `evaluate` → held-out CE by k.
+
+Ranks agree through `torch.distributed` when it is initialized (sums and counts all-reduced), so
+the numbers are exact over all workers; without it everything runs in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from pipeline.batch import PAD, columns_for
+from pipeline.config import FluidConfig
+from pipeline.errors import FluidError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def agree(flag: bool, device) -> bool:
+    """All ranks take rank 0's decision (time budgets must not diverge across workers)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def rank_slice(batch: dict, *, rank: int, world_size: int, mode: str, device) -> dict[str, torch.Tensor]:
+    """This rank's rows [r·b, (r+1)·b) of a global micro-batch, as long tensors on `device`."""
+    per_rank = next(iter(batch.values())).shape[0] // world_size
+    return {k: (v if k == "weight" else v.long())[rank * per_rank:(rank + 1) * per_rank].to(device)
+            for k, v in batch.items() if k in columns_for(mode)}
+
+
+def local_batches(dataset_iter, *, micro_global: int, rank: int, world: int, skip: int, device,
+                  mode: str = "causal") -> Iterator[dict[str, torch.Tensor]]:
+    """Yield this rank's slice of each global micro-batch of a Ray Data iterator, after `skip` ones."""
+    for i, batch in enumerate(dataset_iter.iter_torch_batches(batch_size=micro_global, drop_last=True)):
+        if i < skip:
+            continue
+        yield rank_slice(batch, rank=rank, world_size=world, mode=mode, device=device)
+
+
+def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: list, cfg: FluidConfig,
+               *, step: int, device) -> dict:
+    """One optimizer update over `cfg.train.grad_accum` micro-batches; returns the step's metrics.
+
+    `step` is the number of updates done before this one (it drives the bidirectional baseline's
+    mask annealing)."""
+    from pipeline.model.causal_lm import forward_batch
+    from pipeline.model.losses import bidirectional_loss, count_targets, metrics_from_sums, stage1_loss
+
+    _, world_size = world()
+    k_max, accum = cfg.noise.k_max, cfg.train.grad_accum
+    t0 = time.time()
+    wait = 0.0
+    sums = torch.zeros(k_max + 1, device=device)
+    counts = torch.zeros(k_max + 1, device=device)
+    n_tokens = 0
+    for _ in range(accum):
+        tw = time.time()
+        batch = next(batches, None)
+        wait += time.time() - tw
+        if batch is None:
+            raise FluidError(f"training data ran out at step {step}: add data or lower train.max_steps")
+        n_tokens += int((batch["span_id"] != PAD).sum())
+        anneal, gen = 1.0, None
+        if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
+            anneal = min(1.0, step / cfg.train.anneal_steps)
+            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
+        logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
+        if cfg.noise.mode == "bidirectional":
+            loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
+            loss = loss / accum
+            sums[1] += m["masked_ce"] * m["n_masked"]
+            counts[1] += m["n_masked"]
+        else:
+            gcount = count_targets(batch["labels"], batch["k"], k_max=k_max)
+            if world_size > 1:
+                dist.all_reduce(gcount)
+            loss, m = stage1_loss(logits, batch["labels"], batch["k"], lam=cfg.train.lam, k_max=k_max,
+                                  global_count_by_k=gcount, world_size=world_size)
+            loss = loss / accum
+            sums += m["ce_sum_by_k"]
+            counts += m["count_by_k"]
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world_size > 1:
+        stats = torch.stack([sums, counts]).to(device)
+        dist.all_reduce(stats)
+        sums, counts = stats[0], stats[1]
+        tok = torch.tensor([n_tokens, wait], device=device, dtype=torch.float64)
+        dist.all_reduce(tok)
+        n_tokens, wait = int(tok[0]), float(tok[1]) / world_size
+    dt = time.time() - t0
+    metrics = metrics_from_sums(sums, counts, lam=cfg.train.lam)
+    metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                   tokens_per_s=n_tokens / dt, data_wait_share=wait / dt, step_time_s=dt)
+    return metrics
+
+
+def evaluate(model, batches: Iterator[dict], cfg: FluidConfig, device, *, max_batches: int) -> dict:
+    """Held-out AR CE and draft CE per k, exact over all ranks (sums and counts all-reduced)."""
+    from pipeline.model.causal_lm import forward_batch
+    from pipeline.model.losses import bidirectional_loss, metrics_from_sums, target_sums
+
+    _, world_size = world()
+    k_max = cfg.noise.k_max
+    sums = torch.zeros(k_max + 1, dtype=torch.float64, device=device)
+    counts = torch.zeros(k_max + 1, dtype=torch.float64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            logits = forward_batch(model, batch, mode=cfg.noise.mode)
+            if cfg.noise.mode == "bidirectional":  # masked-token CE (unshifted targets, k = 0) → slot 1
+                _, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
+                sums[1] += m["masked_ce"] * m["n_masked"]
+                counts[1] += m["n_masked"]
+                continue
+            s, c = target_sums(logits, batch["labels"], batch["k"], k_max=k_max)
+            sums += s.double()
+            counts += c.double()
+    model.train()
+    if world_size > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return metrics_from_sums(sums, counts, lam=cfg.train.lam)

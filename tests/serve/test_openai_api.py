@@ -1,0 +1,297 @@
+"""The serving layer without Ray: request validation (openai_api), the batching engine (serve_engine),
+and FluidServer's routes through Starlette's test client, on a tiny random model (auth off here)."""
+
+import asyncio
+import json
+
+import pytest
+
+from pipeline.config import ServeConfig
+from pipeline.decode.policies import GenerationRequest, InvalidRequest
+from pipeline.errors import FluidError
+from pipeline.serve import openai_api as api
+from pipeline.serve.engine import Engine, Overloaded
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+PROMPTS = ["the quick brown", "to be or not", "it was a bright cold day in", "a cat sat on"]
+LIMITS = api.Limits("tiny", max_tokens_limit=100, vocab_size=40, mask_token_id=38)
+
+
+def export_tiny(out_dir, context: int = 4096):
+    """A FLUID export of the conftest tiny Llama + word tokenizer with "[M]" and a chat template."""
+    from pipeline.model.causal_lm import add_mask_token
+    from pipeline.train.export import export_hf
+
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"mask_token": "[M]"})
+    tok.chat_template = CHAT_TEMPLATE
+    model = add_mask_token(make_tiny_llama(len(tok), max_position_embeddings=context, initializer_range=0.5),
+                           tok.mask_token_id)
+    meta = {"mask_token": "[M]", "mask_token_id": tok.mask_token_id, "k_max": 8,
+            "policy_defaults": {"policy": "verify", "gamma": None, "max_horizon": 8},
+            "base_model": {"spec": "tiny", "sha256": None}, "data_config": {}, "train_config": {}}
+    return export_hf(model, tok, out_dir, fluid_meta=meta)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: 1 intra-op thread (2 threads on 2 busy shared cores made a forward ~50x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def sampler(export_dir):
+    from pipeline.decode.sampler import Sampler
+
+    return Sampler.from_export(export_dir)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ({"prompt": "x", "model": 3}, 400, "model", "invalid_type"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({"prompt": "x", "max_tokens": 10**30}, 400, "max_tokens", "invalid_value"),
+    ({"prompt": "x", "max_tokens": 101}, 400, "max_tokens", "invalid_value"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens", "invalid_type"),
+    ({"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
+    ({"prompt": ""}, 400, "prompt", "invalid_value"),
+    ({"prompt": []}, 400, "prompt", "invalid_value"),
+    ({}, 400, "prompt", "missing_required_parameter"),
+    ({"prompt": 5}, 400, "prompt", "invalid_type"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "unsupported_value"),
+    ({"prompt": [1, 99]}, 400, "prompt", "invalid_value"),
+    ({"prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
+    ({"prompt": "x", "policy": "magic"}, 400, "policy", "invalid_value"),
+    ({"prompt": "x", "gamma": "high"}, 400, "gamma", "invalid_type"),
+    ({"prompt": "x", "max_horizon": 0}, 400, "max_horizon", "invalid_value"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ({"prompt": "x", "temperature": 3}, 400, "temperature", "invalid_value"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({"prompt": "x", "stop": ["a"] * 5}, 400, "stop", "invalid_value"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream", "invalid_type"),
+    ({"prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs", "unsupported_parameter"),
+    ({"prompt": "x", "seed": "s"}, 400, "seed", "invalid_type"),
+])
+def test_completion_validation_names_the_field(body, status, param, code):
+    with pytest.raises(api.ApiError) as ei:
+        api.parse_completion(body, LIMITS)
+    e = ei.value
+    assert (e.status, e.param, e.code) == (status, param, code)
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    assert e.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({}, "messages"), ({"messages": []}, "messages"), ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+])
+def test_chat_validation_names_the_field(body, param):
+    with pytest.raises(api.ApiError) as ei:
+        api.parse_chat(body, LIMITS)
+    assert ei.value.status == 400 and ei.value.param == param
+
+
+def test_parse_json_and_good_requests():
+    for raw in (b"{bad", b"[1, 2]", b"\xff\xfe"):
+        with pytest.raises(api.ApiError) as ei:
+            api.parse_json(raw)
+        assert ei.value.status == 400 and ei.value.code in ("invalid_json", "invalid_type")
+    p = api.parse_completion({"model": "tiny", "prompt": ["the cat"], "policy": "verify", "gamma": 0.5,
+                              "max_horizon": 4, "temperature": 0, "ignore_eos": True, "stop": "dog",
+                              "stream": True, "stream_options": {"include_usage": True}, "user": "u1"}, LIMITS)
+    req = p.request([3, 4], 100)
+    assert (p.stream, p.include_usage, p.max_tokens) == (True, True, 16)
+    assert (req.policy, req.gamma, req.max_horizon, req.temperature, req.stop, req.stop_on_eos) == \
+        ("verify", 0.5, 4, 0.0, ["dog"], False)
+    assert api.parse_completion({"prompt": [1, 2, 3]}, LIMITS).prompt_ids == [1, 2, 3]
+    chat = api.parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, LIMITS)
+    assert chat.messages == [{"role": "user", "content": "hi"}] and chat.max_tokens is None
+    assert chat.request([1], 100).max_tokens == 100
+
+
+def test_render_chat_and_prompt_checks(sampler):
+    msgs = [{"role": "user", "content": "the cat [M]"}]
+    ids = api.render_chat(sampler.tokenizer, msgs)
+    assert sampler.mask_token_id not in ids  # control tokens in contents are encoded as text
+    tok = make_tiny_tokenizer()  # no chat template: the plain fallback
+    assert tok.decode(api.render_chat(tok, [{"role": "user", "content": "the cat"}])).endswith("<unk>")
+    with pytest.raises(api.ApiError, match="context"):
+        api.check_prompt([1] * 10, param="prompt", context=10, mask_token_id=None)
+    with pytest.raises(api.ApiError, match="mask token"):
+        api.check_prompt([1, 38], param="prompt", context=None, mask_token_id=38)
+
+
+def test_auth(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLUID_TEST_KEY", raising=False)
+    assert api.load_api_key("FLUID_TEST_KEY", None) is None
+    api.check_auth(None, None)  # auth off
+    monkeypatch.setenv("FLUID_TEST_KEY", "s3cret")
+    assert api.load_api_key("FLUID_TEST_KEY", None) == "s3cret"
+    f = tmp_path / "key"
+    f.write_text("from-file\n")
+    assert api.load_api_key("FLUID_TEST_KEY", str(f)) == "from-file"
+    with pytest.raises(FluidError):
+        api.load_api_key(None, str(tmp_path / "missing"))
+    api.check_auth("Bearer s3cret", "s3cret")
+    for header in (None, "Bearer wrong", "s3cret", "Basic s3cret"):
+        with pytest.raises(api.ApiError) as ei:
+            api.check_auth(header, "s3cret")
+        assert ei.value.status == 401 and ei.value.code == "invalid_api_key"
+
+
+# ---------------------------------------------------------------- engine
+
+
+def greedy(prompt, **kw):
+    kw.setdefault("max_tokens", 24)
+    return GenerationRequest(prompt=prompt, temperature=0.0, stop_on_eos=False, **kw)
+
+
+def test_engine_batches_and_equals_sequential(sampler):
+    seq = [sampler.generate(greedy(p))[0].token_ids for p in PROMPTS]
+
+    async def main():
+        eng = Engine(sampler, max_batch_size=4, batch_wait_timeout_s=0.05)
+        tickets = [eng.submit(greedy(p)) for p in PROMPTS]
+        results = await asyncio.gather(*(t.result() for t in tickets))
+        await eng.close()
+        return tickets, results
+
+    tickets, results = asyncio.run(main())
+    assert [r.token_ids for r in results] == seq
+    assert [t.batch_size for t in tickets] == [4] * 4
+
+
+def test_engine_overload_cancel_and_kv_budget(sampler):
+    async def main():
+        eng = Engine(sampler, max_batch_size=2, max_queued_requests=1, batch_wait_timeout_s=0.0,
+                     max_kv_tokens=2 * (2 + 2000 + sampler.k_max))
+        with pytest.raises(InvalidRequest, match="KV budget"):
+            eng.submit(greedy("the cat", max_tokens=4050))
+        long = [eng.submit(greedy("the cat", max_tokens=2000)) for _ in range(3)]  # 2 run, 1 waits
+        with pytest.raises(Overloaded) as ei:
+            eng.submit(greedy("the cat"))
+        assert ei.value.retry_after >= 1
+        await asyncio.sleep(0.2)
+        assert eng.stats()["running"] == 2 and eng.stats()["waiting"] == 1
+        for t in long:
+            t.cancel()
+        assert eng.stats()["running"] == 0 and eng.stats()["waiting"] == 0
+        await asyncio.sleep(0.2)
+        assert eng.stats()["batches"] == 0  # the cancelled rows left their batch
+        assert all(t.row is None or len(t.row.generated) < 2000 for t in long)
+        res = await eng.submit(greedy("the cat", max_tokens=5)).result()  # slots are free again
+        await eng.close()
+        return res
+
+    assert len(asyncio.run(main()).token_ids) == 5
+
+
+def test_engine_failures(sampler):
+    """A failing forward fails its batch only; a broken loop makes the health check raise."""
+
+    async def main():
+        eng = Engine(sampler, batch_wait_timeout_s=0.0)
+        real = sampler.decoder
+
+        def broken_decoder(reqs):
+            dec = real(reqs)
+            dec.step = lambda: 1 / 0
+            return dec
+
+        sampler.decoder = broken_decoder
+        try:
+            with pytest.raises(ZeroDivisionError):
+                await eng.submit(greedy("the cat")).result()
+        finally:
+            del sampler.decoder
+        assert len((await eng.submit(greedy("the cat", max_tokens=3)).result()).token_ids) == 3
+        eng.check()  # still healthy
+
+        def bug(*a):
+            raise KeyError("bug")
+
+        eng._dispatch = bug
+        with pytest.raises(RuntimeError, match="decoding loop failed"):
+            await eng.submit(greedy("the cat")).result()
+        with pytest.raises(RuntimeError):
+            eng.check()
+        with pytest.raises(RuntimeError):
+            eng.submit(greedy("the cat"))
+        await eng.close()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- FluidServer without Ray
+
+
+@pytest.fixture(scope="module")
+def client(export_dir):
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from pipeline.serve.app import FluidServer
+
+    srv = FluidServer(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_UNSET_KEY",
+                                  max_request_bytes=2000, stream_interval_s=1.0))
+    app = Starlette(routes=[Route("/{p:path}", srv.__call__, methods=["GET", "POST", "PUT"])])
+    with TestClient(app) as c:
+        yield c
+
+
+def test_server_routes_without_auth(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    body = {"model": "tiny", "prompt": "the quick brown", "max_tokens": 12, "temperature": 0}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["usage"]["completion_tokens"] <= 12 and out["fluid"]["forwards"] >= 1
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        lines = [x for x in s.iter_lines() if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
+    assert len(chunks) == chunks[-1]["fluid"]["forwards"]  # one event per step, written together (interval)
+    assert client.get("/nowhere").status_code == 404 and client.put("/v1/completions").status_code == 405
+    assert client.post("/v1/completions", content=b"x" * 3000).status_code == 413
+
+
+def test_localize_model_from_fsspec(export_dir):
+    import fsspec
+
+    from pipeline.serve.app import localize_model
+
+    fs = fsspec.filesystem("memory")
+    for f in export_dir.iterdir():
+        fs.pipe(f"/exports/tiny/{f.name}", f.read_bytes())
+    fs.pipe("/exports/tiny/evil.bin", b"pickle")
+    local = localize_model("memory://exports/tiny")
+    assert (local / "fluid.json").is_file() and not (local / "evil.bin").exists()
+    with pytest.raises(FluidError, match="fluid.json"):
+        localize_model(str(export_dir.parent))

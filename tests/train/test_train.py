@@ -1,0 +1,104 @@
+"""Ray Train adaptation end to end on a tiny model: resume after a failure, worker-count independence."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.ray
+
+
+def _corpus(root, n_docs: int = 12):
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, size=int(rng.integers(20, 60)))))
+    return str(root)
+
+
+def _run(tmp_path, name, resolved, corpus, *overrides):
+    from jobs.adapt import build_training_datasets, fit
+
+    cfg = load_config(None, ["--data.seq_len=16", "--noise.k_max=4", "--train.global_batch_size=4",
+                             "--train.max_steps=4", "--train.checkpoint_every=1", "--train.lr=0.01",
+                             "--train.warmup_steps=1", "--train.cpus_per_worker=1", f"--train.run_name={name}",
+                             f"--train.storage_path={tmp_path / 'runs'}", "--train.eval_batches=1",
+                             f"--data.corpus={corpus}", "--data.val_fraction=0.2", "--data.test_fraction=0.1",
+                             f"--model.spec={resolved.path}", *overrides])
+    datasets = build_training_datasets(cfg, resolved)
+    result = fit(cfg, resolved, str(tmp_path / "runs"), datasets)
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{result['export']}/model.safetensors")
+    metrics = [json.loads(line) for line in open(result["metrics_jsonl"])]
+    return weights, metrics, result
+
+
+@pytest.fixture(scope="module")
+def tiny_resolved(tmp_path_factory):
+    from pipeline.sources.model_source import resolve_model
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return resolve_model(str(root / "model"), root / "cache")
+
+
+def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp_path, tiny_resolved):
+    corpus = _corpus(tmp_path / "corpus")
+    base, base_metrics, result = _run(tmp_path, "straight", tiny_resolved, corpus)
+    from pipeline.train.export import read_meta
+
+    meta = read_meta(result["export"])
+    assert meta["mask_token_id"] == tiny_resolved.mask_token_id and meta["k_max"] == 4
+    assert meta["train_config"]["steps_done"] == 4
+    # the export is for inference: HF generate must use the KV cache (training ran without it)
+    assert json.loads(open(f"{result['export']}/config.json").read())["use_cache"] is True
+    # on-demand export of the last (sharded DCP) checkpoint = the final export
+    from safetensors.torch import load_file
+
+    from jobs.export import export_checkpoint
+
+    again = load_file(f"{export_checkpoint(result['checkpoint'], str(tmp_path / 'from-ckpt'))}/model.safetensors")
+    assert again.keys() == base.keys() and all(torch.equal(again[k], base[k]) for k in base)
+    steps = [m["step"] for m in base_metrics if "event" not in m]
+    assert steps == [1, 2, 3, 4]
+    evals = [m for m in base_metrics if m.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [0, 4]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]  # it learned (lr 1e-2 on a tiny model)
+    assert all(0 <= m["data_wait_share"] <= 1 and m["tokens_per_s"] > 0 for m in base_metrics if "event" not in m)
+
+    resumed, res_metrics, _ = _run(tmp_path, "interrupted", tiny_resolved, corpus, "--train.fail_at_step=2",
+                                   "--train.max_failures=1")
+    assert (tmp_path / "runs" / "interrupted" / ".failed_once").read_text() == "2"  # the failure did happen
+    res_steps = [m["step"] for m in res_metrics if "event" not in m]
+    assert res_steps == [1, 2, 3, 4]  # failed after step 2's checkpoint, resumed at 3
+    for key, value in base.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+    two, _, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2")
+    for key, value in base.items():  # same global batches, only the reduction order differs
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path, tiny_resolved):
+    corpus = _corpus(tmp_path / "corpus")
+    weights, metrics, result = _run(tmp_path, "bidir", tiny_resolved, corpus, "--noise.mode=bidirectional",
+                                    "--train.anneal_steps=2", "--train.from_scratch=true", "--train.max_steps=3",
+                                    "--train.seed=7")
+    steps = [m for m in metrics if "event" not in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["loss"] > 0 and m["n_ar"] > 0 for m in steps)  # masked-token CE sits in the k = 1 slot
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    assert len(evals) == 2 and all(e["val_ar_ce"] > 0 for e in evals)
+    from tests.conftest import make_tiny_llama
+
+    pretrained = make_tiny_llama(tiny_resolved.mask_token_id).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.allclose(weights["model.layers.0.mlp.up_proj.weight"], pretrained, atol=0.05)  # random init
