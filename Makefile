@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make demo   — create/reuse .venv, install, run the main job on the embedded default
+#   make demo   — create/reuse .venv, install, run the main job (jobs/demo.py: data → adapt → horizon
+#                 head → evaluate → serve → summary) on the embedded defaults; DEMO_ARGS=… passes overrides
 #   make test   — create/reuse .venv, install, run the test suite
 # Set-up is idempotent: it re-installs only when pyproject.toml changed (stamp file in the venv).
 VENV ?= .venv
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.fluid-setup-* && touch $@
 
 demo: setup
-	$(PY) -m jobs.info
+	$(PY) -m jobs.demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -181,7 +181,7 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce")},
+    return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce", "masked_ce")},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
             "metrics_jsonl": f"{local_run_dir}/metrics.jsonl"}
 

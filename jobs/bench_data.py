@@ -17,6 +17,7 @@ Out: a table on stdout. Per variant, the median over interleaved repeats of: wal
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="stop adding documents past this many tokens")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (median reported)")
     parser.add_argument("--actors", default="1,2", help="tokenizer actor counts to try, comma-separated")
+    parser.add_argument("--repeat-corpus", type=int, default=1,
+                        help="use the (bounded) train documents this many times (large sizes, where start-up is small)")
+    parser.add_argument("--json", help="write rows and goals as JSON here (fluid bench data: jobs/bench_report.py)")
     args, cfg = parse_job_args(parser, argv)
 
     from pipeline.data import ray_pipeline as data
@@ -79,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = data.load_fast_tokenizer(resolved.path)
     with tempfile.TemporaryDirectory(prefix="fluid-bench-") as tmp:
         spec = ", ".join(cfg.data.corpus)
-        bounded = args.max_docs is not None or args.max_tokens is not None
+        bounded = args.max_docs is not None or args.max_tokens is not None or args.repeat_corpus > 1
         if bounded:  # the first train documents, one .txt file each, all of them in the train split
             n_docs, _ = bounded_corpus(cfg, Path(tmp), args.max_docs, args.max_tokens, tokenizer)
+            for r in range(1, args.repeat_corpus):  # copies under new names: more documents, same text
+                for i in range(n_docs):
+                    os.link(Path(tmp) / f"doc{i:05d}.txt", Path(tmp) / f"rep{r:03d}-doc{i:05d}.txt")
+            n_docs *= args.repeat_corpus
             cfg.data.corpus, cfg.data.val_fraction, cfg.data.test_fraction = [tmp], 0.0, 0.0
         kw = dict(tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id)
         L = cfg.data.seq_len
@@ -152,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     over = best_ray / best_local - 1
     print(f"goal 'Ray Data ≤ 10 % over the best single-process loop': {'met' if over <= 0.10 else 'NOT met'} "
           f"(best Ray variant {over:+.0%}); same examples on every run: {'yes' if len(checksums) == 1 else 'NO'}")
+    if args.json:
+        rows = [{"pipeline": name, "TOKENIZERS_PARALLELISM": par, "wall s": m["wall"], "tokens/s": tokens / m["wall"],
+                 "1st batch s": m["first"], "vs best loop": f"{m['wall'] / best_local - 1:+.0%}"}
+                for (name, par), m in med.items()]
+        goals = [{"goal": "Ray Data ≤ 10 % over the best single-process loop", "value": f"{over:+.0%}",
+                  "met": over <= 0.10},
+                 {"goal": "draft targets per processed token ≥ 0.5", "value": summary["draft_targets_per_token"],
+                  "met": summary["draft_targets_per_token"] >= 0.5},
+                 {"goal": "same examples on every run", "value": len(checksums) == 1, "met": len(checksums) == 1}]
+        settings = {"documents": docs, "tokens": tokens, "sequences": summary["sequences"], "seq_len": L,
+                    "shuffle": cfg.data.shuffle, "repeats": args.repeats, "ray_init_s": t_init,
+                    "cold_ray_run_s": cold["wall"], "repeat_corpus": args.repeat_corpus}
+        Path(args.json).write_text(json.dumps({"rows": rows, "goals": goals, "settings": settings}, indent=1))
     return 0 if len(checksums) == 1 else 1
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the sampler's policies against HF greedy `generate` and our own `ar` loop (DESIGN.md §5).
+"""Benchmark the sampler's policies against HF greedy `generate` and our own `ar` loop (docs/method.md §13).
 
     python -m jobs.bench_sampler                       # tiny random model (untrained mask: worst case)
     python -m jobs.bench_sampler --model-dir EXPORT    # a FLUID export (fluid.json gives the mask id)

@@ -9,11 +9,15 @@ from jobs.common import run_job
 
 # subcommand → (module, one-line description)
 COMMANDS = {
+    "demo": ("jobs.demo", "the main job: data → adapt → horizon head → evaluate → serve, with a summary"),
     "info": ("jobs.info", "fetch/resolve the model and corpus of a config and describe them"),
     "preprocess": ("jobs.preprocess", "corpora → tokenized, packed, noised diffusion examples as Parquet shards"),
     "adapt": ("jobs.adapt", "Stage I causal-alignment adaptation on Ray Train (FSDP2, checkpoints, export)"),
     "fit-horizon": ("jobs.fit_horizon", "Stage II: fit the horizon head (K-head) of an export on Ray Train"),
     "generate": ("jobs.generate", "generate text from an export with the elastic-horizon sampler"),
+    "ablate": ("jobs.ablate", "ablation: causal alignment vs bidirectional conversion vs random init"),
+    "evaluate": ("jobs.evaluate", "held-out CE, LAMBADA and the sampler table of an export: JSON, Markdown, plots"),
+    "bench": ("jobs.bench", "benchmarks: fluid bench data|sampler|serve (one table style, one JSON schema)"),
     "export": ("jobs.export", "turn a training checkpoint into a Hugging Face folder with fluid.json"),
     "serve": ("jobs.serve", "serve an export behind an OpenAI-compatible endpoint on Ray Serve"),
 }

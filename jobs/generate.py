@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from jobs.common import parse_job_args, run_job
 from pipeline.errors import FluidError
@@ -49,13 +50,22 @@ def main(argv: list[str] | None = None) -> int:
         gamma=s.gamma if args.gamma is None else args.gamma, max_horizon=args.max_horizon or s.max_horizon,
         temperature=s.temperature if args.temperature is None else args.temperature,
         top_p=s.top_p if args.top_p is None else args.top_p, seed=args.seed, stop=args.stop) for p in prompts]
-    for prompt, result in zip(args.prompt, sampler.generate(requests), strict=True):
+    t0 = time.perf_counter()
+    results = sampler.generate(requests)
+    wall = time.perf_counter() - t0
+    batched = len(results) > 1  # rows share every forward: only the batch has a wall time of its own
+    for prompt, result in zip(args.prompt, results, strict=True):
         st = result.stats
         hist = " ".join(f"{k}:{v}" for k, v in sorted(st.accepted_hist.items()))
+        timing = "" if batched else (f", {st.wall_time_s:.2f} s ({st.tokens / max(st.wall_time_s, 1e-9):.1f} "
+                                     "tokens/s)")
         print(f"--- prompt: {prompt!r}\n{result.text}\n--- {st.policy}: {st.tokens} tokens in {st.forwards} forwards "
-              f"({st.tokens_per_forward:.2f} tokens/forward), {st.wall_time_s:.2f} s "
-              f"({st.tokens / max(st.wall_time_s, 1e-9):.1f} tokens/s), finish {result.finish_reason}; "
+              f"({st.tokens_per_forward:.2f} tokens/forward){timing}, finish {result.finish_reason}; "
               f"accepted per forward {hist}")
+    if batched:
+        tokens = sum(r.stats.tokens for r in results)
+        print(f"--- batch of {len(results)} prompts decoded together: {tokens} tokens in {wall:.2f} s "
+              f"({tokens / max(wall, 1e-9):.1f} tokens/s in all)")
     return 0
 
 

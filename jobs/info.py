@@ -1,9 +1,9 @@
 """`fluid info`: fetch (or find in the cache) the model and corpus of a config and describe them.
 
-This is the README's main command until the quick-start job lands: a real run that resolves the
-model (built-in SmolLM2-135M by default: download, sha256 check, GGUF dequantization, `[M]` added),
-fetches the corpus, tokenizes every document and prints model size, vocabulary and per-split
-corpus statistics.
+Resolves the model (built-in SmolLM2-135M by default: download, sha256 check, GGUF dequantization,
+`[M]` added), fetches the corpus, tokenizes every document and prints model size, vocabulary and
+per-split corpus statistics. A quick check of a config's inputs before a long run; the main job
+that uses them is `fluid demo` (`make demo`).
 """
 
 from __future__ import annotations

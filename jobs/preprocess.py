@@ -3,7 +3,7 @@
 In:  a config (`--config FILE.yaml`, `--data.corpus=…`, `--noise.k_max=…` overrides): the corpus, the
      model whose tokenizer is used (`model.spec`, resolved and cached; `[M]` added), packing and noise
      settings; `--output PATH` (local folder or fsspec URL), `--split`, `--epoch`.
-Out: Parquet shards under PATH (rows in the batch format of DESIGN.md §2.1 plus `seq_index`; training
+Out: Parquet shards under PATH (rows in the batch format of docs/method.md §3 plus `seq_index`; training
      reads them back with `pipeline.data.ray_pipeline.read_preprocessed`), the run summary printed as a table and
      written as JSON next to the shards (`fluid_summary.json`). Ray Data shows its progress meanwhile.
 

@@ -1,6 +1,6 @@
 """The batch format: the one contract between the data pipeline, the trainer, the loss and the tools.
 
-Every example has the fixed length T; one 1-D array per column (docs/method.md §"Batch format"):
+Every example has the fixed length T; one 1-D array per column (docs/method.md §3):
 
 ========================  =======  ====================================================================
 column                    dtype    meaning

@@ -169,6 +169,65 @@ class ServeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`fluid evaluate` (jobs/evaluate.py): held-out CE, LAMBADA and the sampler table of an export."""
+
+    output: str = ""
+    """Report folder; default <export>/../eval (next to the export)."""
+    ce_sequences: int = 32
+    """Held-out (test split) sequences of data.seq_len tokens for the AR and draft CE by k."""
+    lambada_items: int = 64
+    """LAMBADA test items scored under `ar` and each policy (the full set has 5 153; hours on 2 cores)."""
+    policies: list[str] = field(default_factory=lambda: ["ar", "verify", "entropy", "threshold", "khead"])
+    """Policies in the LAMBADA and sampler tables (`khead` only when the export has a horizon head)."""
+    prompts: int = 6
+    """Held-out corpus prompts of the sampler table."""
+    max_tokens: int = 48
+    """Tokens generated per prompt in the sampler table."""
+    repeats: int = 2
+    """Interleaved timing rounds of the sampler table (speeds are medians of per-round ratios)."""
+    gammas: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.97])
+    """`threshold` gammas of the speed-vs-agreement sweep (empty: no sweep)."""
+    tasks: int = 2
+    """Ray tasks that score items in parallel (1 = in-process, no Ray)."""
+
+
+@dataclass
+class AblateConfig:
+    """`fluid ablate` (jobs/ablate.py): causal alignment vs bidirectional conversion vs random init."""
+
+    arms: list[str] = field(default_factory=lambda: ["causal", "bidirectional", "scratch"])
+    tokens: int = 49_152
+    """Corpus tokens each arm trains on (the same text for every arm)."""
+    seq_len: int = 128
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    anneal_share: float = 0.5
+    """Bidirectional arm: attention-mask annealing over this share of its steps (DiffuLLaMA)."""
+    evals: int = 8
+    """Evaluations along each run (plus one before training)."""
+    eval_items: int = 48
+    """Held-out (validation) items of the horizon metric."""
+    prefix_len: int = 96
+    horizon: int = 8
+    """Metric: CE of x_{c+k} given x≤c for k = 1…horizon."""
+    output: str = "runs/ablate"
+
+
+@dataclass
+class DemoConfig:
+    """`make demo` / `fluid demo` (jobs/demo.py): the whole pipeline on one machine, end to end."""
+
+    budget_s: float = 900.0
+    """Wall-time budget of the whole demo; training stages get the share left after the fixed stages."""
+    drafts: Literal["natural", "self_distill", "frozen_base"] = "natural"
+    """Draft-target recipe: natural text; the base model's own greedy continuations; frozen base + drafter."""
+    output: str = "runs/demo"
+    prompt: str = "To be, or not to be, that is the question:"
+
+
+@dataclass
 class FluidConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,6 +236,9 @@ class FluidConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,7 +2,7 @@
 
 In:  a `DataConfig` + `NoiseConfig`, a resolved tokenizer folder (pipeline/sources/model_source.py: a fast
      tokenizer with `[M]`) and the `[M]` id; a split and an epoch.
-Out: * `iter_examples_local` — examples in the batch format of DESIGN.md §2.1 (pipeline/data/noise.py
+Out: * `iter_examples_local` — examples in the batch format of docs/method.md §3 (pipeline/data/noise.py
        columns, fixed length T) plus `seq_index` (int64 global sequence index, pipeline/data/packing.py),
        one dict of 1-D arrays per example, in the dataset's order (seq_index order, or the seeded
        shuffle order when `data.shuffle`). pipeline/data/ray_pipeline.py runs the same functions as Ray stages,

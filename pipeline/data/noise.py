@@ -1,4 +1,4 @@
-"""Noising core: packed token sequences → fixed-length training examples (DESIGN.md §2.1).
+"""Noising core: packed token sequences → fixed-length training examples (docs/method.md §2–§5).
 
 Pure NumPy, no Ray and no torch: the Ray Data stage calls these per packed sequence, the trainer
 builds the dense attention mask on the device from three of the columns (`pipeline/model/attention.py`).

@@ -1,4 +1,4 @@
-"""Ray Data pipeline: corpora → tokenized, packed, noised two-stream examples (DESIGN.md §2.1, §3, §6).
+"""Ray Data pipeline: corpora → tokenized, packed, noised two-stream examples (docs/method.md §2–§3, docs/architecture.md).
 
 In:  a `DataConfig` + `NoiseConfig`, a resolved tokenizer folder (pipeline/sources/model_source.py: a fast
      tokenizer with `[M]`) and the `[M]` id; a split and an epoch.
@@ -172,7 +172,7 @@ def _pack_noise_stage(batch: pa.Table, *, params: Params, sink) -> dict[str, np.
 
 def init_ray(**kwargs) -> None:
     """Connect to the cluster (RAY_ADDRESS, `ray job submit`) or start a local instance sized for a
-    small machine: more logical CPUs than cores (DESIGN §6)."""
+    small machine: more logical CPUs than cores (docs/architecture.md, "Small machines")."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS") or kwargs.get("address"):

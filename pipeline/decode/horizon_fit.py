@@ -1,4 +1,4 @@
-"""Stage II: fit the horizon head (K-head) on a frozen adapted backbone (DESIGN.md §2.2).
+"""Stage II: fit the horizon head (K-head) on a frozen adapted backbone (docs/method.md §9).
 
 In:  a frozen model, two-stream batches whose draft spans all have the full length K_max − 1
      (`span_distribution="fixed"`, ρ = 0; see pipeline/data/noise.py), τ, σ.

@@ -1,4 +1,4 @@
-"""The learned horizon head ("K-head", DESIGN.md §2.2 "K-head details").
+"""The learned horizon head ("K-head", docs/method.md §9).
 
 A two-layer MLP on the backbone's final hidden state (after the final norm, i.e. what
 `output_hidden_states=True` returns last) that scores k ∈ {1…k_max}. The sampler feeds it the state

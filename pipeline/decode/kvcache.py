@@ -1,4 +1,4 @@
-"""The one place that edits a Hugging Face KV cache (DESIGN.md §2.2 "Exact KV cache").
+"""The one place that edits a Hugging Face KV cache (docs/method.md §10).
 
 `DynamicCache.crop` changed meaning across transformers releases; in 5.24 `crop(-n)` removes the
 last n entries, `crop(0)` is a no-op and a positive argument raises. Everything else in the project

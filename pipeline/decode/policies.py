@@ -1,4 +1,4 @@
-"""Decoding policies of the elastic-horizon sampler (DESIGN.md §2.2): requests, gates, horizons, sampling.
+"""Decoding policies of the elastic-horizon sampler (docs/method.md §7): requests, gates, horizons, sampling.
 
 Everything here is per row and model-free, so it is unit-testable on made-up distributions.
 

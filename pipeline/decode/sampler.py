@@ -1,4 +1,4 @@
-"""Elastic-horizon sampler with an exact KV cache (DESIGN.md §2.2). Plain torch + transformers, no Ray.
+"""Elastic-horizon sampler with an exact KV cache (docs/method.md §7–§10). Plain torch + transformers, no Ray.
 
 Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
 step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens

@@ -1,4 +1,4 @@
-"""Attention masks for the two-stream layout (DESIGN.md §2.1), built on the device.
+"""Attention masks for the two-stream layout (docs/method.md §2), built on the device.
 
 In:  three int vectors per token, shape [B, T]: `position_ids`, `span_id` (−1 clean, s ≥ 0 draft
      span s, −2 padding) and `anchor` (clean: own position; draft: the span's cursor c; pad: −1).

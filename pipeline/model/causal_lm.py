@@ -1,4 +1,4 @@
-"""Loading a causal LM, adding the `[M]` mask token, and the two-stream forward (DESIGN.md §2.1).
+"""Loading a causal LM, adding the `[M]` mask token, and the two-stream forward (docs/method.md §1–§3).
 
 In:  a Hugging Face model path or directory; a batch dict of [B, T] int tensors following the
      batch-format table (`input_ids`, `position_ids`, `span_id`, `anchor`; other columns ignored).

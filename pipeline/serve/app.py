@@ -1,4 +1,4 @@
-"""Ray Serve edge: an OpenAI-compatible HTTP endpoint for the elastic-horizon sampler (DESIGN.md §3).
+"""Ray Serve edge: an OpenAI-compatible HTTP endpoint for the elastic-horizon sampler (docs/architecture.md).
 
 In:  `ServeConfig` (pipeline/config.py): the export folder or fsspec URL (copied locally first), limits,
      replicas and resources; HTTP requests to POST /v1/completions, POST /v1/chat/completions,

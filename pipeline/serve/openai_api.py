@@ -6,7 +6,7 @@ Out: a `Parsed` request (→ `GenerationRequest` once the prompt is tokenized) o
      carries the HTTP status and the OpenAI error JSON
      {"error": {"message", "type": "invalid_request_error", "param": <field>, "code"}};
      response dicts and SSE lines built from sampler results (`usage` plus our `fluid` stats object).
-Extensions accepted in requests: `policy`, `gamma`, `max_horizon` (the sampler's knobs, DESIGN.md §2.2)
+Extensions accepted in requests: `policy`, `gamma`, `max_horizon` (the sampler's knobs, docs/method.md §7)
 and `ignore_eos`. Unknown fields are ignored (clients send many); unsupported ones (n > 1, echo,
 logprobs, best_of > 1, suffix, logit_bias, penalties ≠ 0, tools) are refused by name.
 """

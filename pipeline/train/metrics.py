@@ -17,10 +17,16 @@ def scalars(metrics: dict) -> dict:
 
 
 class MetricsLog:
-    """Appends records to a JSONL file and prints progress; a no-op on ranks other than 0."""
+    """Appends records to a JSONL file and prints progress; a no-op on ranks other than 0.
 
-    def __init__(self, path: str | Path, rank: int = 0):
+    `resume_step`: the step the run (re)starts from. Records a failed attempt wrote past it — steps
+    that will now be replayed — are dropped first, so every step appears once and curves stay monotone.
+    """
+
+    def __init__(self, path: str | Path, rank: int = 0, *, resume_step: int | None = None):
         self.path, self.rank = Path(path), rank
+        if rank == 0 and resume_step is not None and self.path.is_file():
+            drop_replayed(self.path, resume_step)
 
     def write(self, record: dict) -> None:
         if self.rank != 0:
@@ -37,13 +43,36 @@ class MetricsLog:
         self.write({"event": "eval", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
 
 
+def drop_replayed(path: Path, resume_step: int) -> int:
+    """Rewrite `path` (atomically) without the records that the run will write again: steps after
+    `resume_step`, and evaluations at it (the start evaluation on a restart from 0, the final one on
+    a resume from the last checkpoint). Returns how many were dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+            step = int(rec.get("step", 0))
+        except (ValueError, AttributeError):
+            continue  # a line cut by the failure
+        if step < resume_step or (step == resume_step > 0 and rec.get("event") != "eval"):
+            keep.append(ln)
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
 def progress_line(record: dict) -> str | None:
     """The console line of a record: every evaluation, step 1 and every 10th step."""
     if "event" in record:
-        keys = ("val_ar_ce", "val_draft_ce", "val_ce_k2", "val_ce_k4", "val_ce_k8")
+        keys = ("val_ar_ce", "val_masked_ce", "val_draft_ce", "val_ce_k2", "val_ce_k4", "val_ce_k8")
         return f"[fluid] eval at step {record['step']}: " + "  ".join(
             f"{k[4:]} {record[k]:.3f}" for k in keys if k in record)
     if record.get("step", 0) == 1 or record.get("step", 0) % 10 == 0:
-        return (f"[fluid] step {record['step']}  loss {record['loss']:.3f}  ar {record['ar_ce']:.3f}  draft "
-                f"{record['draft_ce']:.3f}  {record['tokens_per_s']:.0f} tok/s  wait {record['data_wait_share']:.0%}")
+        ces = "  ".join(f"{name} {record[key]:.3f}" for key, name in
+                        (("ar_ce", "ar"), ("draft_ce", "draft"), ("masked_ce", "masked")) if key in record)
+        return (f"[fluid] step {record['step']}  loss {record['loss']:.3f}  {ces}  {record['tokens_per_s']:.0f} tok/s"
+                f"  wait {record['data_wait_share']:.0%}")
     return None

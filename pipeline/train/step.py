@@ -109,7 +109,7 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         dist.all_reduce(tok)
         n_tokens, wait = int(tok[0]), float(tok[1]) / world_size
     dt = time.time() - t0
-    metrics = metrics_from_sums(sums, counts, lam=cfg.train.lam)
+    metrics = _named(metrics_from_sums(sums, counts, lam=cfg.train.lam), cfg.noise.mode)
     metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                    tokens_per_s=n_tokens / dt, data_wait_share=wait / dt, step_time_s=dt)
     return metrics
@@ -142,4 +142,12 @@ def evaluate(model, batches: Iterator[dict], cfg: FluidConfig, device, *, max_ba
     if world_size > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
-    return metrics_from_sums(sums, counts, lam=cfg.train.lam)
+    return _named(metrics_from_sums(sums, counts, lam=cfg.train.lam), cfg.noise.mode)
+
+
+def _named(metrics: dict, mode: str) -> dict:
+    """The bidirectional baseline's slot-1 sums are its masked-token CE (unshifted targets), not an
+    AR CE: report them as `masked_ce` / `n_masked` (the train loss stays `loss`)."""
+    if mode != "bidirectional":
+        return metrics
+    return {"loss": metrics["loss"], "masked_ce": metrics["ar_ce"], "n_masked": metrics["n_ar"]}

@@ -105,7 +105,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def check_layout(out: dict, mask_id: int, eos_id: int, length: int) -> None:
-    """Batch-format invariants (DESIGN §2.1) of every example: clean next-token labels, draft labels
+    """Batch-format invariants (docs/method.md §3) of every example: clean next-token labels, draft labels
     = the clean token after the draft's position, k = distance from the cursor, no draft past its document."""
     assert out["input_ids"].shape[1] == length and out["seq_index"].dtype == np.int64
     for c in COLS:

@@ -1,4 +1,4 @@
-"""Tests of the noising core (pipeline/data/noise.py) against the batch-format contract of DESIGN.md §2.1."""
+"""Tests of the noising core (pipeline/data/noise.py) against the batch-format contract of docs/method.md §3."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def noised_batch(seed: int, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def brute_force_two_stream(pos, span, anchor) -> np.ndarray:
-    """DESIGN.md §2.1, literally: i sees j ⇔ (span_j = −1 ∧ pos_j ≤ anchor_i) ∨ (span_j = span_i ≥ 0 ∧
+    """docs/method.md §2, literally: i sees j ⇔ (span_j = −1 ∧ pos_j ≤ anchor_i) ∨ (span_j = span_i ≥ 0 ∧
     pos_j ≤ pos_i); padding rows see only themselves."""
     t = len(pos)
     out = np.zeros((t, t), dtype=bool)
@@ -167,7 +167,7 @@ def tiny_llama(attn_implementation: str):
 def test_two_stream_forward_equals_plain_causal_forwards(attn_implementation):
     """Each draft's logits = a plain causal forward of [x_0..x_c, the span's inputs]; each clean
     position's logits = the plain forward of the clean stream. SDPA gets the boolean mask, eager
-    the additive one (DESIGN.md §2.1)."""
+    the additive one (docs/method.md §2)."""
     model = tiny_llama(attn_implementation)
     rng = rng_for(5, 0, 0)
     length = 40

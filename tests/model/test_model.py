@@ -28,7 +28,7 @@ def tiny_llama(*, tied: bool = True, attn: str = "sdpa", seed: int = 0, hidden: 
 
 
 def make_batch(rows, T: int, *, mask_id: int = MASK_ID, pad_id: int = PAD_ID, reveal=()):
-    """Build a two-stream batch by hand, following the DESIGN.md §2.1 table.
+    """Build a two-stream batch by hand, following the docs/method.md §3 table.
 
     rows: list of (clean_tokens, [(cursor c, K), ...]). Each span puts K−1 masks at positions
     c+1..c+K−1 (anchor c), predicting x_{c+2}..x_{c+K} with k = 2..K. `reveal`: (row, span, j)

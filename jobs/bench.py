@@ -1,0 +1,106 @@
+"""`fluid bench data|sampler|serve [options]`: the benchmarks, one table style and one JSON schema.
+
+  fluid bench data     Ray Data pipeline vs the best single-process loop (jobs/bench_data.py)
+  fluid bench sampler  decoding policies vs HF greedy generate (jobs/bench_sampler.py)
+  fluid bench serve    Ray Serve throughput, N clients vs 1 (jobs/load_test.py)
+
+Options after the name go to that benchmark (`fluid bench sampler --help`); `--record FILE.json`
+(default runs/bench/<name>.json) receives the result in the schema of jobs/bench_report.py, and the
+same result is printed as a Markdown table (machine, date, command, rows, goals) for BENCHMARKS.md.
+Benchmarks print tables and exit 1 when a goal is not met; they are not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import FluidError
+
+BENCHES = {"data": "jobs.bench_data", "sampler": "jobs.bench_sampler", "serve": "jobs.load_test"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHES:
+        raise FluidError(f"unknown benchmark {name!r} (known: {', '.join(BENCHES)})")
+    record_path = Path("runs/bench") / f"{name}.json"
+    if "--record" in rest:
+        i = rest.index("--record")
+        if i + 1 >= len(rest):
+            raise FluidError("--record needs a file name")
+        record_path = Path(rest[i + 1])
+        del rest[i:i + 2]
+    if any(a in ("-h", "--help") for a in rest):
+        import importlib
+
+        return int(importlib.import_module(BENCHES[name]).main(["--help"]) or 0)
+    command = shlex.join(["fluid", "bench", name, *rest])
+    load0 = os.getloadavg()[0]
+    return globals()[f"_{name}"](rest, record_path, command, load0)
+
+
+def _data(rest, record_path, command, load0) -> int:
+    import jobs.bench_data as b
+
+    with tempfile.TemporaryDirectory() as d:
+        rc = b.main([*rest, "--json", f"{d}/out.json"])
+        raw = json.loads(Path(f"{d}/out.json").read_text())
+    from jobs.bench_report import emit, record
+
+    cols = ["pipeline", "TOKENIZERS_PARALLELISM", "wall s", "tokens/s", "1st batch s", "vs best loop"]
+    emit(record("data", cols, raw["rows"], settings=raw["settings"], goals=raw["goals"], load_before=load0,
+                command=command), record_path)
+    return int(rc or 0)
+
+
+def _sampler(rest, record_path, command, load0) -> int:
+    import jobs.bench_sampler as b
+
+    with tempfile.TemporaryDirectory() as d:
+        rc = b.main([*rest, "--json", f"{d}/out.json"])
+        if rc:
+            return int(rc)
+        raw = json.loads(Path(f"{d}/out.json").read_text())
+    from jobs.bench_report import emit, record
+
+    names = {"policy": "policy", "tokens_per_forward": "tokens/forward", "tokens_per_s": "tokens/s",
+             "speedup_vs_hf": "× HF", "speedup_vs_ar": "× ar", "prefix_agreement": "prefix agreement",
+             "match_rate": "match rate", "base_nll": "base NLL"}
+    rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
+    elastic = [r["speedup_vs_ar"] for r in raw["rows"] if r["policy"] in ("entropy", "verify")]
+    goals = [{"goal": "elastic policies never slower than AR (≥ 0.95× our ar loop)", "value": min(elastic),
+              "met": min(elastic) >= 0.95}] if elastic else []
+    emit(record("sampler", list(names.values()), rows, goals=goals, load_before=load0, command=command,
+                settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"]}),
+         record_path)
+    return 0
+
+
+def _serve(rest, record_path, command, load0) -> int:
+    import jobs.load_test as b
+
+    with tempfile.TemporaryDirectory() as d:
+        rc = b.main([*rest, "--out", f"{d}/out.jsonl"])
+        lines = Path(f"{d}/out.jsonl").read_text().splitlines() if Path(f"{d}/out.jsonl").is_file() else []
+    from jobs.bench_report import emit, record
+
+    rows = [json.loads(x) for x in lines if x.strip()]
+    known = list(dict.fromkeys(["round", *getattr(b, "COLUMNS", [])]))
+    cols = [c for c in known if rows and c in rows[0]] or (list(rows[0]) if rows else [])
+    emit(record("serve", cols, rows, load_before=load0, command=command), record_path)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    from jobs.common import run_job
+
+    sys.exit(run_job(main))

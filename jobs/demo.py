@@ -1,0 +1,265 @@
+"""`make demo` / `fluid demo`: the whole product on one machine — adapt a model, then decode faster with it.
+
+Stages (each shows progress; a finished stage is reused when the demo runs again with the same
+settings; Ctrl-C stops at once and the next run resumes — training from its last checkpoint):
+  1 data      Ray Data: corpus → tokenized, packed, noised two-stream examples (Parquet shards)
+  2 drafts    the draft-target recipe `demo.drafts` (docs/method.md §12)
+  3 adapt     Ray Train: Stage I causal alignment for the training share of the budget → export
+  4 horizon   Ray Train: Stage II horizon head on the frozen export
+  5 evaluate  held-out CE vs the base model, LAMBADA, the sampler table, plots (fluid evaluate)
+  6 serve     Ray Serve: start the OpenAI-compatible endpoint, stream one completion, stop it
+Then a summary table: wall time per stage, tokens per forward, speed vs AR, AR CE vs the base model,
+and where the report, plots and export are.
+
+One budget, `demo.budget_s` (default 900 s): the training stage gets what the fixed stages leave.
+All outputs go under `demo.output` (default runs/demo). Settings for a small CPU are built in (seq_len
+128, batch 4, small evaluation); every key can be overridden, e.g. `--demo.budget_s=3600`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from jobs.common import parse_job_args, run_job
+from pipeline.errors import FluidError
+
+# Embedded defaults of the demo, before the user's overrides: sized for 2 CPU cores.
+DEMO_DEFAULTS = [
+    "--data.seq_len=128", "--train.global_batch_size=4", "--train.lr=2e-4", "--train.warmup_steps=10",
+    "--train.max_steps=100000", "--train.checkpoint_every=25", "--train.eval_batches=4",
+    "--train.run_name=adapt", "--horizon.examples=64", "--horizon.epochs=100",
+    "--eval.ce_sequences=16", "--eval.lambada_items=16", "--eval.policies=[ar,verify,entropy,threshold,khead]",
+    "--eval.prompts=3", "--eval.max_tokens=32", "--eval.repeats=1", "--eval.gammas=[0.5,0.9]",
+]
+STAGES = ("data", "drafts", "adapt", "horizon", "evaluate", "serve")
+RESERVE_SHARE = 0.45  # of the budget, kept for the stages after training (horizon, evaluate, serve, start-ups)
+
+
+def recipe_natural(cfg, out: Path, log) -> list[str]:
+    """Draft targets are the corpus text itself: no extra data."""
+    return []
+
+
+# demo.drafts → a function (cfg, output folder, log) → extra `fluid adapt` overrides. Recipes that
+# produce their own data (self-distillation) write it under the output folder and point adapt at it.
+RECIPES = {"natural": recipe_natural}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fluid demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help="ignore finished stages and run everything again")
+    args, cfg = parse_job_args(parser, DEMO_DEFAULTS + list(sys.argv[1:] if argv is None else argv))
+    return Demo(cfg, fresh=args.fresh).run()
+
+
+class Demo:
+    def __init__(self, cfg, *, fresh: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.demo.output).resolve()
+        self.state_path = self.out / "demo_state.json"
+        self.fresh = fresh
+        self.state = {} if fresh or not self.state_path.is_file() else json.loads(self.state_path.read_text())
+        self.times: dict[str, tuple[float, str]] = {}
+        self.t0 = time.perf_counter()
+        self.export = self.out / cfg.train.run_name / "export"
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        d = self.cfg.to_dict()
+        keys = {"data": ("model", "data", "noise"), "drafts": ("demo",), "adapt": ("train",),
+                "horizon": ("horizon",), "evaluate": ("eval",)}
+        upto = STAGES[: STAGES.index(stage) + 1]
+        parts = {k: d[k] for s in upto for k in keys.get(s, ())}
+        parts["demo"] = {"drafts": d["demo"]["drafts"]}  # the budget alone does not invalidate stages
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stage(self, name: str, fn, *, cache: bool = True):
+        n = STAGES.index(name) + 1
+        rec = self.state.get(name)
+        if cache and rec and rec.get("fingerprint") == self.fingerprint(name):
+            print(f"\n[fluid] demo {n}/{len(STAGES)} {name}: done before ({rec['seconds']:.0f} s), reused", flush=True)
+            self.times[name] = (0.0, "reused")
+            return rec.get("result")
+        print(f"\n[fluid] demo {n}/{len(STAGES)} {name} … ({self.elapsed():.0f} s of {self.cfg.demo.budget_s:.0f} s "
+              "budget used)", flush=True)
+        t = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t
+        self.times[name] = (dt, "ran")
+        if cache:
+            self.state[name] = {"fingerprint": self.fingerprint(name), "seconds": dt, "result": result}
+            for later in STAGES[STAGES.index(name) + 1:]:
+                self.state.pop(later, None)  # anything after a re-run stage is stale
+            self.save_state()
+        return result
+
+    def save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_path)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def job_argv(self, *extra: str) -> list[str]:
+        return ["--config", str(self.out / "demo_config.yaml"), *extra]
+
+    # --- the run ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        if self.cfg.demo.drafts not in RECIPES:
+            raise FluidError(f"demo.drafts={self.cfg.demo.drafts}: this build has the recipes {sorted(RECIPES)}")
+        if self.cfg.demo.budget_s < 30:
+            raise FluidError(f"demo.budget_s must be ≥ 30 s, got {self.cfg.demo.budget_s:g}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_dict = self.cfg.to_dict()
+        cfg_dict["train"]["storage_path"] = str(self.out)
+        (self.out / "demo_config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill stops like Ctrl-C: cleanly
+        from pipeline.data.ray_pipeline import init_ray
+
+        print(f"[fluid] demo: model {self.cfg.model.spec}, corpus {self.cfg.data.corpus}, budget "
+              f"{self.cfg.demo.budget_s:.0f} s, outputs under {self.out}", flush=True)
+        import ray
+
+        own_ray = not ray.is_initialized()  # inside a test session (or a cluster job) Ray is not ours to stop
+        init_ray(num_cpus=6, include_dashboard=False, configure_logging=False)
+        try:
+            self.stage("data", self.run_data)
+            extra = self.stage("drafts", self.run_drafts) or []
+            self.stage("adapt", lambda: self.run_adapt(extra))
+            self.stage("horizon", self.run_horizon)
+            report = self.stage("evaluate", self.run_evaluate)
+            served = self.stage("serve", self.run_serve, cache=False)
+        finally:
+            if own_ray:
+                ray.shutdown()
+        print(summary(self, report, served), flush=True)
+        return 0
+
+    def run_data(self) -> dict:
+        import jobs.preprocess
+
+        shards = self.out / "data"
+        jobs.preprocess.main(self.job_argv("--output", str(shards), "--overwrite"))
+        s = json.loads((shards / "fluid_summary.json").read_text())
+        return {"sequences": s["sequences"], "tokens": s["tokens"], "path": str(shards)}
+
+    def run_drafts(self) -> list[str]:
+        recipe = self.cfg.demo.drafts
+        print(f"[fluid] draft recipe: {recipe} ({RECIPES[recipe].__doc__.strip()})", flush=True)
+        return RECIPES[recipe](self.cfg, self.out, lambda m: print(m, flush=True))
+
+    def run_adapt(self, extra: list[str]) -> dict:
+        import jobs.adapt
+
+        budget = self.cfg.demo.budget_s
+        train_s = max(10.0, budget - self.elapsed() - RESERVE_SHARE * budget)
+        # at most one step per second: enough rows are prepared, and one data epoch suffices on CPU
+        max_steps = min(self.cfg.train.max_steps, max(1, math.ceil(train_s)))
+        run_dir, mark = self.out / self.cfg.train.run_name, self.out / f".{self.cfg.train.run_name}.settings"
+        fp = self.fingerprint("adapt")
+        if run_dir.exists() and (self.fresh or not mark.is_file() or mark.read_text() != fp):
+            shutil.rmtree(run_dir)  # checkpoints of other settings must not be resumed
+        mark.write_text(fp)
+        print(f"[fluid] training for {train_s:.0f} s (the budget left after the other stages); an interrupted "
+              "run resumes from its last checkpoint", flush=True)
+        jobs.adapt.main(self.job_argv(f"--data.preprocessed={self.out / 'data'}", f"--train.time_budget_s={train_s:.0f}",
+                                      f"--train.max_steps={max_steps}", *extra))
+        steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / "metrics.jsonl").read_text().splitlines()
+                 if x.strip()]
+        last = [m for m in steps if "event" not in m][-1]
+        return {"steps": last["step"], "train_s": train_s, "export": str(self.export)}
+
+    def run_horizon(self) -> dict:
+        import jobs.fit_horizon
+
+        jobs.fit_horizon.main(self.job_argv("--export", str(self.export)))
+        return json.loads((self.export / "fluid.json").read_text()).get("horizon_head", {})
+
+    def run_evaluate(self) -> dict:
+        from jobs.evaluate import evaluate
+
+        r = evaluate(self.cfg, str(self.export))
+        keep = ("ce", "lambada", "sampler", "paths", "plots")
+        return {k: r[k] for k in keep if k in r}
+
+    def run_serve(self) -> dict:
+        from ray import serve
+
+        from pipeline.serve.app import build_app
+
+        sc = self.cfg.serve
+        sc.model, sc.host = str(self.export), "127.0.0.1"
+        serve.start(http_options={"host": sc.host, "port": sc.port})
+        try:
+            serve.run(build_app(sc), name=sc.app_name, route_prefix=sc.route_prefix)
+            url = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"
+            print(f"[fluid] serving {self.export.name} at {url}/v1; streaming one completion:", flush=True)
+            return stream_completion(url, self.cfg.demo.prompt, self.cfg.sampler.max_tokens)
+        finally:
+            serve.shutdown()
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
+    """POST /v1/completions with stream=true; print the text as it arrives."""
+    import httpx
+
+    body = {"model": "", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    t0, first, text, events = time.perf_counter(), None, "", 0
+    print(f"  {prompt}", end="", flush=True)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise FluidError(f"the endpoint answered {resp.status_code}: {resp.text[:200]}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            delta = "".join(c.get("text", "") for c in chunk.get("choices", []))
+            if delta:
+                first = first or time.perf_counter() - t0
+                text += delta
+                events += 1
+                print(delta, end="", flush=True)
+    print(flush=True)
+    return {"text": text, "events": events, "first_token_s": first, "seconds": time.perf_counter() - t0}
+
+
+def summary(demo: Demo, report: dict, served: dict) -> str:
+    rows = [(name, f"{demo.times[name][0]:.0f} s" if demo.times[name][1] == "ran" else "reused")
+            for name in STAGES if name in demo.times]
+    lines = ["", "=" * 72, "FLUID demo — summary", "-" * 72, f"{'stage':<12}{'wall time':>12}"]
+    lines += [f"{n:<12}{t:>12}" for n, t in rows]
+    lines.append(f"{'total':<12}{demo.elapsed():>10.0f} s")
+    lines.append("-" * 72)
+    ce = report["ce"]
+    lines.append(f"held-out AR CE: base {ce['base_ar_ce']:.3f} → adapted {ce['adapted_ar_ce']:.3f} nats "
+                 f"({ce['ar_ce_change']:+.1%});  draft CE k=2: {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
+    sm = report["sampler"]
+    lines.append(f"{'policy':<12}{'tokens/fwd':>11}{'× AR (HF)':>11}{'agreement':>11}")
+    for r in sm["rows"]:
+        lines.append(f"{r['policy']:<12}{r['tokens_per_forward']:>11.2f}{r['speedup_vs_hf']:>11.2f}"
+                     f"{r['prefix_agreement']:>11.3f}")
+    lam = {r["policy"]: r["accuracy"] for r in report.get("lambada", [])}
+    if lam:
+        lines.append("LAMBADA accuracy: " + ", ".join(f"{p} {a:.2f}" for p, a in lam.items()))
+    lines.append(f"streamed completion: {served['events']} SSE events, {len(served['text'])} characters, "
+                 f"{served['seconds']:.1f} s")
+    lines += ["-" * 72, f"report:  {report['paths']['markdown']}", f"plots:   {', '.join(report.get('plots', []))}",
+              f"export:  {demo.export}", "=" * 72]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,129 @@
+"""The evaluation report: a JSON-able dict → Markdown tables and PNG plots (matplotlib, Agg backend).
+
+In:  the report dict that jobs/evaluate.py builds (keys `ce`, `lambada`, `sampler`, `gamma_sweep`,
+     `settings`) and the rows of a run's `metrics.jsonl`.
+Out: `markdown(report)` → str; `write_plots(report, metrics_rows, folder)` → the PNG paths written:
+     ce_by_k.png (draft CE by k, base vs adapted), training.png (training curves),
+     accepted_hist.png (tokens committed per forward, by policy), speed_vs_agreement.png (gamma sweep).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    ce = r["ce"]
+    lines = [f"# Evaluation of `{s['model']}`", "",
+             f"Base model `{s['base_model']}`; held-out text: {s['ce_sequences']} test sequences of "
+             f"{s['seq_len']} tokens; LAMBADA sample: first {s['lambada_items']} of 5 153 test items; sampler table: "
+             f"{s['prompts']} held-out prompts × {s['max_tokens']} tokens, {s['repeats']} interleaved rounds. "
+             f"Machine: {s['machine']}.", "",
+             "## Held-out cross-entropy (nats)", "",
+             "| model | AR CE | " + " | ".join(f"k={k}" for k in ce["ks"]) + " |",
+             "|---|---:|" + "---:|" * len(ce["ks"])]
+    for name in ("base", "adapted"):
+        by_k = ce[f"{name}_by_k"]
+        lines.append(f"| {name} | {ce[f'{name}_ar_ce']:.3f} | " + " | ".join(f"{by_k[k - 1]:.2f}" for k in ce["ks"]) + " |")
+    lines += ["", f"AR CE of the adapted model vs the base: {ce['ar_ce_change']:+.1%}.", ""]
+    if r.get("lambada"):
+        lines += ["## LAMBADA last-word accuracy (greedy)", "", "| policy | accuracy | correct | tokens/forward |",
+                  "|---|---:|---:|---:|"]
+        for row in r["lambada"]:
+            lines.append(f"| {row['policy']} | {row['accuracy']:.3f} | {row['correct']}/{row['items']} | "
+                         f"{row['tokens_per_forward']:.2f} |")
+        lines.append("")
+    if r.get("sampler"):
+        sm = r["sampler"]
+        lines += ["## Sampler", "", f"HF greedy `generate`: {sm['hf_tokens_per_s']:.1f} tokens/s (same run); "
+                  f"`ar` equals HF on {sm['ar_equals_hf']}/{sm['prompts']} prompts.", "",
+                  "| policy | γ | tokens/forward | tokens/s | × HF | prefix agreement | match rate | base NLL |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in sm["rows"] + r.get("gamma_sweep", []):
+            g = "—" if row.get("gamma") is None else f"{row['gamma']:g}"
+            lines.append(f"| {row['policy']} | {g} | {row['tokens_per_forward']:.2f} | {row['tokens_per_s']:.1f} | "
+                         f"{row['speedup_vs_hf']:.2f} | {row['prefix_agreement']:.3f} | {row['match_rate']:.3f} | "
+                         f"{row['base_nll']:.3f} |")
+        lines.append("")
+    if r.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(r: dict, metrics_rows: list[dict], folder: str | Path) -> list[str]:
+    plt = _plt()
+    folder = Path(folder)
+    out = []
+
+    ce = r["ce"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("base", "o--"), ("adapted", "o-")):
+        ax.plot(ce["ks"], [ce[f"{name}_by_k"][k - 1] for k in ce["ks"]], style, label=name)
+    ax.set(xlabel="k (tokens ahead of the last clean token)", ylabel="held-out CE (nats)",
+           title="Draft CE by k, before and after adaptation")
+    ax.legend()
+    out.append(_save(fig, folder / "ce_by_k.png"))
+
+    steps = [m for m in metrics_rows if "event" not in m and "loss" in m]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [m["step"] for m in steps]
+        for key in ("ar_ce", "draft_ce", "masked_ce"):
+            if any(key in m for m in steps):
+                ax.plot(xs, [m.get(key) for m in steps], label=f"train {key}")
+        evals = [m for m in metrics_rows if m.get("event") == "eval"]
+        for key in ("val_ar_ce", "val_draft_ce"):
+            pts = [(m["step"], m[key]) for m in evals if key in m]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "s", label=key)
+        ax.set(xlabel="optimizer step", ylabel="CE (nats)", title="Training curves (metrics.jsonl)")
+        ax.legend()
+        out.append(_save(fig, folder / "training.png"))
+
+    hists = {row["policy"]: row["accepted_hist"] for row in r.get("sampler", {}).get("rows", []) if row.get("accepted_hist")}
+    if hists:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(hists)
+        for i, (pol, h) in enumerate(hists.items()):
+            total = sum(h.values()) or 1
+            ks = sorted(int(k) for k in h)
+            ax.bar([k + i * width for k in ks], [h[k] / total if k in h else h[str(k)] / total for k in ks],
+                   width=width, label=pol)
+        ax.set(xlabel="tokens committed by one forward", ylabel="share of forwards",
+               title="Accepted length per forward")
+        ax.legend()
+        out.append(_save(fig, folder / "accepted_hist.png"))
+
+    sweep = r.get("gamma_sweep", [])
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["prefix_agreement"] for p in sweep], [p["speedup_vs_hf"] for p in sweep], "o-", label="threshold")
+        for p in sweep:
+            ax.annotate(f"γ={p['gamma']:g}", (p["prefix_agreement"], p["speedup_vs_hf"]), fontsize=8)
+        for row in r.get("sampler", {}).get("rows", []):
+            if row["policy"] in ("ar", "verify", "entropy"):
+                ax.plot(row["prefix_agreement"], row["speedup_vs_hf"], "x", label=row["policy"])
+        ax.set(xlabel="agreement with AR greedy (prefix share)", ylabel="speed vs HF generate",
+               title="Speed vs agreement across γ")
+        ax.legend()
+        out.append(_save(fig, folder / "speed_vs_agreement.png"))
+    return out
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)

