@@ -104,6 +104,9 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation micro-batches for the held-out AR/draft CE before and after training."""
     cpus_per_worker: int = 2
+    verbose: bool = False
+    """Show Ray Train's own per-step logs (every reported metrics dict, on every rank); off: one
+    `[fluid]` progress line every 10 steps."""
     fail_at_step: int | None = None
     """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
     seed: int = 0

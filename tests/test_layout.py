@@ -14,6 +14,8 @@ CORE = [
     "pipeline.decode.sampler", "pipeline.decode.policies", "pipeline.decode.kvcache",
     "pipeline.decode.horizon_head", "pipeline.decode.horizon_fit", "pipeline.decode.load",
     "pipeline.serve.openai_api",
+    "pipeline.sources.eval_data", "pipeline.eval.horizon_ce", "pipeline.eval.metrics", "pipeline.eval.report",
+    "pipeline.eval.ablate",
 ]
 
 

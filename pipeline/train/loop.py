@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import FluidConfig, from_dict
-from pipeline.train.metrics import MetricsLog, scalars
+from pipeline.train.metrics import MetricsLog, quiet_ray_train, say, scalars
 from pipeline.train.optim import plan_total_steps
 from pipeline.train.step import agree, evaluate, local_batches, train_step, world
 
@@ -61,6 +61,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipeline.train.checkpoint import report_checkpoint, restore_from_ray
 
     cfg = from_dict(loop_config["fluid"])
+    quiet_ray_train(cfg.train.verbose)
     rank, world_size = world()
     torch.manual_seed(cfg.train.seed)
     if loop_config.get("threads"):
@@ -69,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restore_from_ray(model, optimizer, scheduler)
     start_step = int(state.get("step", 0))
     if start_step and rank == 0:
-        print(f"[fluid] resumed from checkpoint at step {start_step}", flush=True)
+        say(f"[fluid] resumed from checkpoint at step {start_step}")
 
     run_dir = Path(loop_config["run_dir"])
     log = MetricsLog(run_dir / "metrics.jsonl", rank, resume_step=start_step)
@@ -99,7 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if total is not None:
             metrics["schedule_total_steps"] = total
             if rank == 0:
-                print(f"[fluid] the time budget allows ~{total} steps: the learning rate decays over them", flush=True)
+                say(f"[fluid] the time budget allows ~{total} steps: the learning rate decays over them")
         log.write(metrics)
         budget = cfg.train.time_budget_s
         out_of_time = agree(budget is not None and metrics["elapsed_s"] >= budget, device)
@@ -110,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_inject_failure(cfg, run_dir, step, rank)
         if out_of_time:
             if rank == 0:
-                print(f"[fluid] time budget of {budget:.0f} s reached at step {step}", flush=True)
+                say(f"[fluid] time budget of {budget:.0f} s reached at step {step}")
             break
 
     if val_ds is not None:
@@ -139,4 +140,4 @@ def _export(model, cfg: FluidConfig, loop_config: dict, export_dir: str, step: i
     meta = export_meta(cfg, loop_config["mask_token_id"], loop_config.get("base_sha256"), step)
     out = export_hf(model, tokenizer, export_dir, fluid_meta=meta)
     if out is not None:
-        print(f"[fluid] exported Hugging Face folder to {out}", flush=True)
+        say(f"[fluid] exported Hugging Face folder to {out}")

@@ -7,8 +7,24 @@ In:  metric dicts from `pipeline.train.step`. Out: appended JSONL records (rank 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
+
+
+def say(line: str) -> None:
+    """Print one progress line once. Inside a Ray Train worker, `print` is patched to log through the
+    root logger and also to write to the redirected stdout, so each line would appear twice on the
+    driver; writing to the stream directly gives one copy."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train(verbose: bool = False) -> None:
+    """Ray Train logs every reported metrics dict at INFO level on every rank (a wall of dicts per
+    step); keep its loggers at WARNING unless `train.verbose` asks for everything."""
+    logging.getLogger("ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def scalars(metrics: dict) -> dict:
@@ -37,7 +53,7 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
         line = progress_line(record)
         if line:
-            print(line, flush=True)
+            say(line)
 
     def eval(self, step: int, metrics: dict) -> None:
         self.write({"event": "eval", "step": step, **{f"val_{k}": v for k, v in metrics.items()}})
