@@ -39,6 +39,9 @@ def validate(cfg: FluidConfig) -> None:
         raise FluidError("train.lr and train.grad_clip must be > 0")
     if not 0 <= cfg.noise.rho <= 1:
         raise FluidError(f"noise.rho must be in [0, 1], got {cfg.noise.rho}")
+    if cfg.model.dtype == "float16":
+        raise FluidError("model.dtype=float16 is not supported for training (fp16 needs loss scaling, which this "
+                         "trainer does not do): use bfloat16 on GPUs, or float32")
     if t.use_gpu is False and cfg.model.dtype in ("bfloat16", "float16"):
         raise FluidError(f"model.dtype={cfg.model.dtype} needs train.use_gpu=true (CPU training runs in fp32)")
 

@@ -224,10 +224,13 @@ def read_file_records(src: SourceFile, *, text_field: str = "text", text_column:
         with fsspec.open(src.url, "rb", compression="infer") as fh:
             data = fh.read()
     except FileNotFoundError:
-        stats.unreadable_files += 1
-        stats.read += 1
-        stats.skip("unreadable")
-        return
+        # listed when the run was planned, gone where it is read: a path only the driver's node sees
+        # (or a file deleted mid-run). Counting it as a bad record would silently train on less data.
+        import socket
+
+        raise FluidError(f"corpus file {src.url} was listed but is missing on node {socket.gethostname()}: "
+                         "corpus paths must be visible from every node (use s3://…, gs://… or a shared "
+                         "mount), and must not change while a job runs") from None
     except (OSError, ValueError) as e:
         print(f"[fluid] skipping unreadable corpus file {src.url}: {e}", file=sys.stderr)
         stats.unreadable_files += 1

@@ -6,7 +6,9 @@ Out: `train_step` → per-step metrics (loss, AR CE, draft CE per k, tokens, dat
      optimizer update over `train.grad_accum` micro-batches; `evaluate` → held-out CE by k.
 
 Ranks agree through `torch.distributed` when it is initialized (sums and counts all-reduced), so
-the numbers are exact over all workers; without it everything runs in one process.
+the numbers are exact over all workers; without it everything runs in one process. The Stage I loss
+of a step divides once, by the target counts of all its micro-batches on all ranks, so
+`grad_accum = 2` gives the gradient of one batch of twice the size (not a mean of per-batch means).
 """
 
 from __future__ import annotations
@@ -70,12 +72,20 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
     sums = torch.zeros(k_max + 1, device=device)
     counts = torch.zeros(k_max + 1, device=device)
     n_tokens = 0
+    micro = []
     for _ in range(accum):
         tw = time.time()
         batch = next(batches, None)
         wait += time.time() - tw
         if batch is None:
             raise FluidError(f"training data ran out at step {step}: add data or lower train.max_steps")
+        micro.append(batch)
+    gcount = None
+    if cfg.noise.mode != "bidirectional":  # exact global means: targets of every micro-batch on every rank
+        gcount = sum(count_targets(b["labels"], b["k"], k_max=k_max) for b in micro)
+        if world_size > 1:
+            dist.all_reduce(gcount)
+    for batch in micro:
         n_tokens += int((batch["span_id"] != PAD).sum())
         anneal, gen = 1.0, None
         if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
@@ -87,13 +97,9 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
             loss = loss / accum
             sums[1] += m["masked_ce"] * m["n_masked"]
             counts[1] += m["n_masked"]
-        else:
-            gcount = count_targets(batch["labels"], batch["k"], k_max=k_max)
-            if world_size > 1:
-                dist.all_reduce(gcount)
+        else:  # Σ over micro-batches of local sums / global counts: one division, no mean of means
             loss, m = stage1_loss(logits, batch["labels"], batch["k"], lam=cfg.train.lam, k_max=k_max,
                                   global_count_by_k=gcount, world_size=world_size)
-            loss = loss / accum
             sums += m["ce_sum_by_k"]
             counts += m["count_by_k"]
         loss.backward()

@@ -134,3 +134,12 @@ def test_default_corpus_has_three_splits():
     assert len(by_split["validation"]) >= 1 and len(by_split["test"]) >= 1
     doc = next(iter_documents(by_split["test"][:1]))
     assert "Gutenberg" not in doc.text[:2000] and len(doc.text) > 10_000
+
+
+def test_a_listed_file_missing_where_it_is_read_is_an_error_not_a_skip(tmp_path):
+    (tmp_path / "a.txt").write_text("To be, or not to be.\n")
+    (tmp_path / "b.txt").write_text("That is the question.\n")
+    sources = list_sources([str(tmp_path)], val_fraction=0, test_fraction=0)
+    (tmp_path / "b.txt").unlink()  # as on a worker node that cannot see the driver's files
+    with pytest.raises(FluidError, match=r"b\.txt was listed but is missing on node .*visible from every node"):
+        list(iter_documents(sources, stats=RecordStats()))
