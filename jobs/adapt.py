@@ -42,6 +42,12 @@ def validate(cfg: FluidConfig) -> None:
     if cfg.model.dtype == "float16":
         raise FluidError("model.dtype=float16 is not supported for training (fp16 needs loss scaling, which this "
                          "trainer does not do): use bfloat16 on GPUs, or float32")
+    if cfg.data.distilled and cfg.noise.mode != "causal":
+        raise FluidError("data.distilled needs noise.mode=causal (distilled drafts are two-stream spans)")
+    if not 0 <= cfg.data.distill_mix <= 1:
+        raise FluidError(f"data.distill_mix must be in [0, 1], got {cfg.data.distill_mix}")
+    if t.drafter == "adapter" and t.lora_rank < 0:
+        raise FluidError(f"train.lora_rank must be ≥ 0, got {t.lora_rank}")
     if t.use_gpu is False and cfg.model.dtype in ("bfloat16", "float16"):
         raise FluidError(f"model.dtype={cfg.model.dtype} needs train.use_gpu=true (CPU training runs in fp32)")
 
@@ -120,9 +126,14 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
                              mask_token_id=resolved.mask_token_id, split=split, epoch=epoch,
                              cache_dir=cfg.model.cache_dir).select_columns(columns)
 
-    needed = cfg.train.max_steps * cfg.train.global_batch_size
+    total = cfg.train.max_steps * cfg.train.global_batch_size
+    needed = total
+    if cfg.data.distilled:
+        from pipeline.data.distilled import is_distilled
+
+        needed = sum(not is_distilled(i, cfg.data.distill_mix) for i in range(total))
     datasets, n_rows, epoch = [], 0, 0
-    while n_rows < needed:
+    while n_rows < max(needed, 1):
         ds = make("train", epoch).materialize()
         count = ds.count()
         if count == 0:
@@ -133,6 +144,8 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
         if epoch > 1000:
             raise FluidError("training would need over 1000 epochs: lower train.max_steps")
     out = {"train": datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])}
+    if cfg.data.distilled:
+        out["train"] = mix_distilled(cfg, resolved, out["train"], total)
     out["train"].context.execution_options.preserve_order = True
     try:
         val = make("validation", 0).materialize()
@@ -143,6 +156,23 @@ def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
     for ds in out.values():  # workers iterate materialized rows: a progress bar per worker is only noise
         ds.context.enable_progress_bars = False
     return out
+
+
+def mix_distilled(cfg: FluidConfig, resolved, natural, total: int):
+    """The training rows with `data.distill_mix` of them distilled (pipeline/data/distilled.py), in order."""
+    import ray.data
+
+    from pipeline.data.distill import read_distilled
+    from pipeline.data.distilled import distilled_examples, mix
+    from pipeline.data.local import make_params
+
+    prompts, conts = read_distilled(cfg.data.distilled)
+    params = make_params(cfg.data, cfg.noise, tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id)
+    natural_rows = natural.iter_rows() if cfg.data.distill_mix < 1 else iter(())
+    rows = list(mix(natural_rows, distilled_examples(prompts, conts, params), cfg.data.distill_mix, total))
+    print(f"[fluid] training rows: {len(rows)} ({cfg.data.distill_mix:.0%} distilled from {len(prompts)} "
+          f"continuations in {cfg.data.distilled})", flush=True)
+    return ray.data.from_items(rows)
 
 
 def batch_columns(cfg: FluidConfig) -> list[str]:

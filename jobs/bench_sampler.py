@@ -9,6 +9,8 @@ our `ar` policy (medians of per-round ratios; methods are interleaved in rotatin
 same run), agreement with AR greedy (share of tokens before the first divergence, token match rate)
 and mask tokens fed per generated token. Timing ratios are the result; absolute times are noise.
 `x ar cpu` is the same ratio in process CPU time, a cross-check when other jobs share the machine.
+`=base`: share of tokens before the first divergence from the BASE model's greedy output (an adapted
+model may have drifted from it; a frozen-base drafter must score 1).
 """
 
 from __future__ import annotations
@@ -127,6 +129,15 @@ def load_base_model(args, sampler: Sampler):
     return load_causal_lm(resolve_model(spec).path).eval().to(sampler.device)
 
 
+def base_greedy(base, sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool):
+    """The base model's own greedy continuations (column `=base`: prefix agreement with them)."""
+    from types import SimpleNamespace
+
+    view = SimpleNamespace(model=base, tokenizer=sampler.tokenizer, eos_ids=sampler.eos_ids, device=sampler.device,
+                           banned_ids=torch.tensor([], dtype=torch.long))
+    return hf_generate(view, prompt_ids, max_tokens, stop_on_eos)
+
+
 @torch.inference_mode()
 def continuation_nll(model, prompt_ids: list[list[int]], continuations: list[list[int]]) -> float:
     """Mean NLL (nats/token) of the continuations given their prompts under `model`."""
@@ -235,6 +246,8 @@ def _run(args) -> int:
             last[m] = (toks, res)
     ref = last["ar"][0]
     base = load_base_model(args, sampler)
+    base_ref = ref if base is sampler.model else base_greedy(base, sampler, prompt_ids, args.max_tokens,
+                                                              args.stop_on_eos)
     hf_same = sum(a == b for a, b in zip(ref, last["hf"][0], strict=True))
     rows = []
     for m in policies:
@@ -251,19 +264,20 @@ def _run(args) -> int:
             "match_rate": statistics.mean(b for _, b in agree),
             "masks_per_token": sum(r.stats.mask_tokens for r in res) / max(1, ntok),
             "base_nll": continuation_nll(base, prompt_ids, toks),
+            "base_prefix_agreement": statistics.mean(agreement(r, g)[0] for r, g in zip(base_ref, toks, strict=True)),
         })
     print(f"model: {args.model_dir or 'tiny random (untrained mask)'}  prompts: {len(prompts)}  "
           f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
           f"torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
     head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
-            f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}")
+            f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}{'=base':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['policy']:<10}{r['tokens_per_forward']:>8.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_hf']:>7.2f}"
               f"{r['speedup_vs_ar']:>7.2f}{r['cpu_speedup_vs_ar']:>9.2f}{r['prefix_agreement']:>8.3f}{r['match_rate']:>7.3f}{r['masks_per_token']:>9.3f}"
-              f"{r['base_nll']:>9.3f}")
+              f"{r['base_nll']:>9.3f}{r['base_prefix_agreement']:>7.3f}")
     elastic = [r["speedup_vs_ar"] for r in rows if r["policy"] in ("entropy", "verify")]
     if elastic:
         print(f"worst elastic policy vs ar: {min(elastic):.3f}x")

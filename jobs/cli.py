@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": ("jobs.demo", "the main job: data → adapt → horizon head → evaluate → serve, with a summary"),
     "info": ("jobs.info", "fetch/resolve the model and corpus of a config and describe them"),
     "preprocess": ("jobs.preprocess", "corpora → tokenized, packed, noised diffusion examples as Parquet shards"),
+    "distill": ("jobs.distill", "self-distillation: the base model's greedy continuations of training prompts (Ray Data)"),
     "adapt": ("jobs.adapt", "Stage I causal-alignment adaptation on Ray Train (FSDP2, checkpoints, export)"),
     "fit-horizon": ("jobs.fit_horizon", "Stage II: fit the horizon head (K-head) of an export on Ray Train"),
     "generate": ("jobs.generate", "generate text from an export with the elastic-horizon sampler"),

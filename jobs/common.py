@@ -16,7 +16,8 @@ from pipeline.errors import FluidError
 
 OVERRIDE_HELP = (
     "Settings: --config FILE.yaml and/or overrides like --train.lr=3e-4 --data.corpus=s3://bucket/docs/ "
-    "(sections: model, data, noise, train, sampler, horizon, serve, eval, ablate, demo; see pipeline/config.py for every key and default)."
+    "(sections: model, data, noise, train, sampler, horizon, distill, serve, eval, ablate, demo; see pipeline/config.py "
+    "for every key and default)."
 )
 
 

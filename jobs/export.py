@@ -1,7 +1,7 @@
 """`fluid export` / `python -m jobs.export`: turn any training checkpoint into a Hugging Face folder.
 
 Reads the run configuration saved inside the checkpoint (`trainer_state.json`), rebuilds the model
-(base model + `[M]` row, LoRA if it was used), loads the sharded DCP weights into it (DCP re-shards,
+(base model + `[M]` row, LoRA or the frozen-base drafter if it was used), loads the sharded DCP weights into it (DCP re-shards,
 so a checkpoint written by N workers loads in one process) and writes `save_pretrained`
 safetensors + tokenizer + `fluid.json` to `--output` (atomically: temp folder, then rename).
 """
@@ -52,18 +52,15 @@ def export_checkpoint(checkpoint: str, output: str) -> Path:
         resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
         import torch
 
-        model = build_model(cfg, str(resolved.path), resolved.mask_token_id, torch.device("cpu"))
-        if cfg.train.lora_rank > 0:
-            from pipeline.model.parallelize import apply_lora
-
-            model = apply_lora(model, rank=cfg.train.lora_rank)
+        model = build_model(cfg, str(resolved.path), resolved.mask_token_id, torch.device("cpu"))  # + LoRA/drafter
         load_model_weights(local, model)
         from transformers import AutoTokenizer
 
         from pipeline.train.export import export_hf
 
         meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), int(state["step"]))
-        return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta)
+        return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta,
+                         base_dir=resolved.path)
 
 
 if __name__ == "__main__":

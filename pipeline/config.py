@@ -57,6 +57,10 @@ class DataConfig:
     """Train from Parquet shards written by `fluid preprocess` (local or fsspec) instead of the corpus."""
     shuffle: bool = True
     seed: int = 0
+    distilled: str | None = None
+    """A distilled corpus written by `fluid distill` (local or fsspec): its examples are mixed into training."""
+    distill_mix: float = 0.5
+    """With data.distilled: share of training examples that are distilled; the rest stay natural text."""
 
 
 @dataclass
@@ -91,6 +95,13 @@ class TrainConfig:
     """Bidirectional baseline only: raise the share of visible future tokens from 0 to 1 over this many
     steps (DiffuLLaMA attention-mask annealing); 0 = fully bidirectional from the start."""
     lora_rank: int = 0
+    """> 0: train LoRA adapters (peft, merged at export) on `lora_targets` instead of all weights."""
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    drafter: Literal["full", "adapter"] = "full"
+    """adapter: frozen base; only a separate [M] vector and a LoRA gated on draft-stream tokens are trained
+    (lora_rank, default 16 here; lora_alpha; lora_targets): AR outputs stay the base model's exactly."""
     activation_checkpointing: bool = False
     from_scratch: bool = False
     checkpoint_every: int = 50
@@ -109,6 +120,25 @@ class TrainConfig:
     `[fluid]` progress line every 10 steps."""
     fail_at_step: int | None = None
     """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
+    seed: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """`fluid distill`: the base model's greedy continuations of training-split prompts."""
+
+    output: str = ""
+    """Where the distilled corpus goes (folder or fsspec URL); re-running resumes missing shards."""
+    prompt_len: int = 32
+    new_tokens: int = 96
+    """Continuation length; prompt_len + new_tokens = data.seq_len makes full clean streams."""
+    count: int = 512
+    shard_size: int = 32
+    batch_size: int = 16
+    """Prompts per batched generate call."""
+    actors: int = 1
+    """Model replicas in the Ray Data actor pool (each takes one GPU when there are GPUs)."""
+    cpus_per_actor: int = 2
     seed: int = 0
 
 
@@ -238,6 +268,7 @@ class FluidConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     horizon: HorizonConfig = field(default_factory=HorizonConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)

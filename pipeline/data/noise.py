@@ -148,6 +148,7 @@ def draft_spans(
     rho: float,
     span_distribution: str,
     k_mean: float | None = None,
+    min_cursor: int = 0,
 ) -> dict[str, np.ndarray]:
     """Draft spans appended after the clean stream (total length ≤ budget).
 
@@ -156,10 +157,12 @@ def draft_spans(
     remaining budget. Token j = 1 … n_s of the span: position c+j, input [M] (or, with probability
     rho, the true token x_{c+j}: restoration noise, its target still counts), span s, anchor c,
     label x_{c+j+1}, k = j+1. Spans are added until the budget is full or max_spans were made;
-    no valid cursor → no spans.
+    no valid cursor → no spans. Cursors below `min_cursor` are not used (distilled examples anchor
+    spans inside the continuation only).
     """
     m = max_draft_tokens(tokens, eos_id)
     cursors = np.flatnonzero(m >= 1)
+    cursors = cursors[cursors >= min_cursor]
     n_max = budget if max_spans is None else min(budget, max_spans)  # every span has ≥ 1 token
     if k_max < 2 or n_max <= 0 or cursors.size == 0:
         return {name: np.zeros(0, dtype=DTYPES[name]) for name in COLUMNS}

@@ -350,7 +350,10 @@ class Sampler:
                  horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None):
         if not isinstance(k_max, int) or k_max < 1:
             raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
-        vocab = model.get_output_embeddings().weight.shape[0]
+        # input vocabulary: a frozen-base drafter reads [M] from a vector of its own, outside the base
+        # matrix (pipeline/model/drafter.py), and its LM head has no [M] row to ban
+        vocab = model.get_input_embeddings().num_embeddings
+        out_vocab = model.get_output_embeddings().weight.shape[0]
         if not 0 <= int(mask_token_id) < vocab:
             raise InvalidRequest(f"mask_token_id {mask_token_id} is outside the model vocabulary (size {vocab})")
         if device is not None:
@@ -368,7 +371,7 @@ class Sampler:
         banned = [self.mask_token_id]
         if pad is not None and pad not in self.eos_ids and pad != self.mask_token_id:
             banned.append(int(pad))
-        self.banned_ids = torch.tensor(banned, device=self.device)
+        self.banned_ids = torch.tensor([b for b in banned if b < out_vocab], device=self.device, dtype=torch.long)
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.attn_impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
         params = inspect.signature(model.forward).parameters

@@ -139,11 +139,14 @@ def forward_outputs(model, batch: dict[str, torch.Tensor], *, mode: str = "causa
 
     Never passes HF `labels=` (batch labels are already shifted). Padding rows get position 0.
     """
+    from pipeline.model.drafter import draft_gate
+
     input_ids = batch["input_ids"].long()
     position_ids = batch["position_ids"].long().clamp_min(0)
     mask = build_attention_mask(model, batch, mode, anneal=anneal, generator=generator)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                 **model_kwargs)
+    with draft_gate(model, batch["span_id"] >= 0):  # a frozen-base drafter adapts the draft stream only
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                     **model_kwargs)
 
 
 def forward_batch(model, batch: dict[str, torch.Tensor], *, mode: str = "causal", anneal: float = 1.0,
@@ -165,7 +168,9 @@ def _compute_dtype(model) -> torch.dtype:
 
 def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
     """The model a training run starts from: the pretrained weights (or, with `train.from_scratch`,
-    a random init of the same architecture), with the `[M]` row added, on `device`."""
+    a random init of the same architecture), with the `[M]` row added, on `device`. With
+    `train.drafter=adapter` the base stays frozen and unchanged and gets the gated drafter instead
+    (pipeline/model/drafter.py); with `train.lora_rank > 0` (full drafter) peft LoRA wraps it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.train.from_scratch:
@@ -175,5 +180,15 @@ def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
     else:
         model = load_causal_lm(model_path, attn_implementation=cfg.model.attn_implementation,
                                trust_remote_code=cfg.model.trust_remote_code)
+    t = cfg.train
+    if t.drafter == "adapter":
+        from pipeline.model.drafter import attach_drafter
+
+        attach_drafter(model, mask_token_id, rank=t.lora_rank or 16, alpha=t.lora_alpha, targets=t.lora_targets)
+        return model.to(device)
     add_mask_token(model, mask_token_id)  # training forwards pass use_cache=False themselves
+    if t.lora_rank > 0:
+        from pipeline.model.parallelize import apply_lora
+
+        model = apply_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, targets=t.lora_targets)
     return model.to(device)

@@ -1,6 +1,7 @@
 """Hugging Face export of an adapted model, with its FLUID metadata, and loading it back.
 
-In (export_hf): a trained model — plain, peft-wrapped (LoRA is merged) or FSDP2-sharded (every rank
+In (export_hf): a trained model — plain, peft-wrapped (LoRA is merged), a frozen base with its gated
+     drafter (the base files are copied unchanged, the drafter goes to drafter.safetensors), or FSDP2-sharded (every rank
      must call; the full state dict is gathered to rank 0's CPU and only rank 0 writes) — its
      tokenizer, and `fluid_meta` (the keys of REQUIRED_META; values may be None where unknown).
 Out: `out_dir/` with model.safetensors + config.json (save_pretrained), the tokenizer files and
@@ -117,8 +118,14 @@ def _plain_model_to_save(model):
     return fresh.merge_and_unload() if is_peft else fresh
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict) -> Path | None:
-    """Write the export (see module docstring). Returns out_dir on rank 0, None on other ranks."""
+def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict, base_dir=None) -> Path | None:
+    """Write the export (see module docstring). Returns out_dir on rank 0, None on other ranks.
+    A frozen-base drafter (pipeline/model/drafter.py) is exported as the unchanged files of `base_dir`
+    (byte-identical; the adapter is never merged) plus `drafter.safetensors`."""
+    from pipeline.model.drafter import find_drafter
+
+    if find_drafter(model) is not None:
+        return _export_drafter(model, tokenizer, Path(out_dir), fluid_meta=fluid_meta, base_dir=base_dir)
     meta = _jsonable(dict(fluid_meta))
     meta.pop("code_version", None)
     meta = {"format_version": FORMAT_VERSION, **meta, "code_version": code_version()}
@@ -162,6 +169,47 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict) -> Pat
     return out
 
 
+def _export_drafter(model, tokenizer, out: Path, *, fluid_meta: dict, base_dir) -> Path | None:
+    from safetensors.torch import save_file
+
+    from pipeline.model.drafter import DRAFTER_FILE, drafter_state
+
+    if base_dir is None:
+        raise FluidError("exporting a frozen-base drafter needs the base model folder (base_dir)")
+    spec = dict(getattr(model.config, "fluid_drafter", None) or {})
+    meta = _jsonable({**fluid_meta, "drafter": {**spec, "mask_token_id": int(fluid_meta["mask_token_id"])}})
+    meta.pop("code_version", None)
+    meta = {"format_version": FORMAT_VERSION, **meta, "code_version": code_version()}
+    validate_meta(meta)
+    state = drafter_state(_full_state_dict(model))  # collective when sharded
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    try:
+        base = Path(base_dir)
+        files = [f for f in base.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name in (
+            "config.json", "generation_config.json", "model.safetensors.index.json"))]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            for f in files:
+                shutil.copyfile(f, tmp / f.name)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            save_file({k: v.detach().cpu() for k, v in state.items()}, str(tmp / DRAFTER_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+            _replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if distributed:
+            dist.barrier()
+    return out
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename `src` to `dst`; an existing `dst` is moved aside first and removed afterwards."""
     old = None
@@ -194,6 +242,10 @@ def load_export(export_dir: str | Path, *, dtype: torch.dtype = torch.float32, a
     meta = read_meta(export_dir)
     model = load_causal_lm(export_dir, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
                            trust_remote_code=trust_remote_code)
+    if meta.get("drafter"):  # frozen base + gated drafter (pipeline/model/drafter.py)
+        from pipeline.model.drafter import load_drafter
+
+        load_drafter(model, export_dir, meta["drafter"])
     vocab = model.get_input_embeddings().num_embeddings
     if meta["mask_token_id"] >= vocab:
         raise FluidError(f"{export_dir}: mask_token_id {meta['mask_token_id']} outside the {vocab} embeddings")

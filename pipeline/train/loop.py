@@ -37,15 +37,12 @@ def build_training(cfg: FluidConfig, loop_config: dict):
     from pipeline.model.parallelize import (
         apply_activation_checkpointing,
         apply_fsdp2,
-        apply_lora,
         resolve_device,
     )
     from pipeline.train.optim import build_optimizer
 
     device, mixed = resolve_device(cfg.train.use_gpu, cfg.model.dtype)
-    model = build_model(cfg, loop_config["model_path"], loop_config["mask_token_id"], device)
-    if cfg.train.lora_rank > 0:
-        model = apply_lora(model, rank=cfg.train.lora_rank)
+    model = build_model(cfg, loop_config["model_path"], loop_config["mask_token_id"], device)  # + LoRA/drafter
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -138,6 +135,6 @@ def _export(model, cfg: FluidConfig, loop_config: dict, export_dir: str, step: i
     rank, _ = world()
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"]) if rank == 0 else None
     meta = export_meta(cfg, loop_config["mask_token_id"], loop_config.get("base_sha256"), step)
-    out = export_hf(model, tokenizer, export_dir, fluid_meta=meta)
+    out = export_hf(model, tokenizer, export_dir, fluid_meta=meta, base_dir=loop_config["model_path"])
     if out is not None:
         say(f"[fluid] exported Hugging Face folder to {out}")

@@ -1,0 +1,155 @@
+"""Frozen-base drafter: a separate `[M]` vector plus a LoRA that only draft-stream tokens pass through.
+
+In:  a Hugging Face causal LM (its weights stay frozen and untouched), the mask id, LoRA rank, alpha
+     and target module names (e.g. q_proj … down_proj).
+Out: the same model with (a) its input embedding wrapped by `DraftEmbedding`: `[M]` reads a trainable
+     vector of its own (the embedding matrix is shared with clean tokens and, in SmolLM2, tied to the
+     LM head, so its rows are never trained), and (b) each target `nn.Linear` wrapped by `GatedLoRA`:
+     y = W·x for clean tokens, y = W·x + s·B·A·x for draft-stream tokens (selected by `torch.where`,
+     so a clean token's output is the base layer's output bit for bit).
+
+The gate (which tokens are draft stream) is per token: in training, span_id ≥ 0 (a span may open with a
+restored true token: still draft stream), set with `draft_gate(model, span_id >= 0)`; otherwise the
+`[M]` positions of the input (the sampler's step input is clean tokens, then masks). Clean queries never
+attend to draft keys (two-stream mask; in decoding the masks come last), so clean logits and the KV
+entries of committed tokens equal the base model's: `verify` reproduces the base model's greedy output.
+
+Why not peft's Activated LoRA (`alora_invocation_tokens`): it switches the adapter on from the last
+invocation sequence of a row to its end. A training row may open its first span with a restored true
+token (before any `[M]`), so that token would miss the adapter, and `[M]` = a new id outside the base
+vocabulary would need the embedding resized — which changes the base weights we export unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from pipeline.errors import FluidError
+
+DRAFTER_FILE = "drafter.safetensors"
+KIND = "gated_lora"
+
+
+class _Gate:
+    """Shared by the embedding (which sets it at each forward) and every GatedLoRA (which reads it)."""
+
+    def __init__(self) -> None:
+        self.explicit: torch.Tensor | None = None
+        self.current: torch.Tensor | None = None
+
+
+class DraftEmbedding(nn.Module):
+    def __init__(self, base: nn.Embedding, mask_token_id: int, gate: _Gate):
+        super().__init__()
+        self.base, self.mask_token_id, self._gate = base, int(mask_token_id), gate
+        with torch.no_grad():
+            init = base.weight[: min(base.num_embeddings, self.mask_token_id)].float().mean(0)
+        self.mask_vector = nn.Parameter(init.to(base.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:  # the (tied) base matrix, for code that reads embeddings.weight
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return max(self.base.num_embeddings, self.mask_token_id + 1)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_mask = input_ids == self.mask_token_id
+        out = self.base(input_ids.masked_fill(is_mask, 0))
+        out = torch.where(is_mask[..., None], self.mask_vector.to(out.dtype), out)
+        g = self._gate.explicit
+        # kept until the next forward: activation checkpointing recomputes layers during backward
+        self._gate.current = is_mask if g is None else g.to(device=input_ids.device, dtype=torch.bool)
+        return out
+
+
+class GatedLoRA(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: _Gate):
+        super().__init__()
+        self.base, self._gate, self.scale = base, gate, alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        g = self._gate.current
+        if g is None or g.shape != x.shape[:-1] or not bool(g.any()):
+            return y
+        return torch.where(g[..., None], y + self.lora_B(self.lora_A(x)) * self.scale, y)
+
+
+def attach_drafter(model, mask_token_id: int, *, rank: int, alpha: float, targets: list[str]):
+    """Freeze `model` and add the gated drafter (module docstring) in place; returns the model."""
+    if rank < 1:
+        raise FluidError(f"the drafter's LoRA rank must be ≥ 1, got {rank}")
+    if find_drafter(model) is not None:
+        raise FluidError("the model already has a drafter")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gate = _Gate()
+    model.set_input_embeddings(DraftEmbedding(model.get_input_embeddings(), mask_token_id, gate))
+    wrapped = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, GatedLoRA(child, rank, alpha, gate))
+                wrapped += 1
+    if wrapped == 0:
+        raise FluidError(f"no nn.Linear modules named {targets} in {type(model).__name__} (train.lora_targets)")
+    model.config.fluid_drafter = {"kind": KIND, "rank": rank, "alpha": alpha, "targets": list(targets)}
+    return model
+
+
+def find_drafter(model) -> DraftEmbedding | None:
+    for m in model.modules():
+        if isinstance(m, DraftEmbedding):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def draft_gate(model, gate: torch.Tensor):
+    """Within the block, the drafter's per-token gate is `gate` [B, T] (no-op without a drafter)."""
+    emb = find_drafter(model)
+    if emb is None:
+        yield
+        return
+    emb._gate.explicit = gate
+    try:
+        yield
+    finally:
+        emb._gate.explicit = None
+
+
+def drafter_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The drafter's own tensors of a full state dict (the `[M]` vector and the LoRA matrices)."""
+    return {k: v.contiguous() for k, v in state_dict.items()
+            if k.endswith("mask_vector") or ".lora_A." in k or ".lora_B." in k}
+
+
+def load_drafter(model, folder, spec: dict):
+    """Attach the drafter described by fluid.json's `drafter` and load its weights from `folder`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if spec.get("kind") != KIND:
+        raise FluidError(f"unknown drafter kind {spec.get('kind')!r} in fluid.json (this code reads {KIND!r})")
+    path = Path(folder) / DRAFTER_FILE
+    if not path.is_file():
+        raise FluidError(f"{folder}: fluid.json names a drafter but {DRAFTER_FILE} is missing")
+    attach_drafter(model, int(spec["mask_token_id"]), rank=int(spec["rank"]), alpha=float(spec["alpha"]),
+                   targets=list(spec["targets"]))
+    weights = load_file(str(path))
+    expected = set(drafter_state(model.state_dict()))
+    if set(weights) != expected:
+        raise FluidError(f"{path}: tensors do not match the drafter ({len(weights)} vs {len(expected)} expected)")
+    model.load_state_dict(weights, strict=False)
+    return model

@@ -1,0 +1,110 @@
+"""Frozen-base drafter: clean-stream logits are the base model's, `verify` reproduces the base model's
+greedy output, and the export carries the base weights byte for byte."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.noise import make_two_stream_example
+from pipeline.model.causal_lm import forward_batch
+from pipeline.model.drafter import attach_drafter, draft_gate, find_drafter
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _drafter(vocab: int, seed: int = 0):
+    """(base, same weights + a drafter with random non-zero LoRA and [M] vector); [M] = vocab (new id)."""
+    base = make_tiny_llama(vocab, seed=seed)
+    model = make_tiny_llama(vocab, seed=seed)
+    attach_drafter(model, vocab, rank=4, alpha=8.0, targets=TARGETS)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return base, model
+
+
+def _batch(tokens, mask_id, seed=0, rho=0.3):
+    ex = make_two_stream_example(np.asarray(tokens), np.random.default_rng(seed), mask_id=mask_id, pad_id=1,
+                                 eos_id=1, k_max=5, rho=rho)
+    return {k: torch.as_tensor(v.astype(np.int64))[None] for k, v in ex.items()}
+
+
+def test_only_the_drafter_trains_and_clean_logits_equal_the_base():
+    base, model = _drafter(40)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("mask_vector") or ".lora_" in n for n in trainable)
+    assert model.get_input_embeddings().num_embeddings == 41 and base.get_input_embeddings().num_embeddings == 40
+    tokens = np.random.default_rng(0).integers(2, 40, size=24)
+    batch = _batch(tokens, 40)
+    assert (batch["input_ids"] == 40).any() and (batch["span_id"] >= 0).any()
+    logits = forward_batch(model, batch)
+    clean = batch["span_id"][0] == -1
+    ref = base(input_ids=torch.as_tensor(tokens)[None]).logits
+    torch.testing.assert_close(logits[0, clean], ref[0], rtol=0, atol=1e-6)
+    # the draft stream does pass the adapter: zeroing it changes the draft logits
+    draft = batch["span_id"][0] >= 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B" in n:
+                p.zero_()
+    plain = forward_batch(model, batch)
+    assert (logits[0, draft] - plain[0, draft]).abs().max() > 1e-3
+    torch.testing.assert_close(plain[0, clean], ref[0], rtol=0, atol=1e-6)
+
+
+def test_restored_tokens_in_a_span_pass_the_adapter():
+    _, model = _drafter(40)
+    batch = _batch(np.random.default_rng(1).integers(2, 40, size=24), 40, rho=1.0)  # every span token restored
+    assert not (batch["input_ids"] == 40).any()
+    emb = find_drafter(model)
+    forward_batch(model, batch)
+    assert torch.equal(emb._gate.current, batch["span_id"] >= 0)  # gated by span, not by the [M] id
+    with draft_gate(model, torch.zeros_like(batch["span_id"], dtype=torch.bool)):
+        pass
+    assert emb._gate.explicit is None
+
+
+def test_verify_with_the_drafter_reproduces_the_base_greedy_output():
+    from pipeline.decode.sampler import GenerationRequest, Sampler
+
+    tok = make_tiny_tokenizer()
+    vocab = len(tok)
+    base, model = _drafter(vocab, seed=2)
+    sampler = Sampler(model, tok, mask_token_id=vocab, k_max=6)
+    prompts = [[5, 6, 7], [9, 3, 12, 4, 8], [20]]
+    out = sampler.generate([GenerationRequest(prompt_ids=p, max_tokens=24, policy="verify", stop_on_eos=False)
+                            for p in prompts])
+    for p, res in zip(prompts, out, strict=True):
+        ids = torch.tensor([p])
+        ref = base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                            min_new_tokens=24, pad_token_id=1)[0, len(p):].tolist()
+        assert res.token_ids == ref
+        assert res.stats.mask_tokens > 0  # drafts were proposed (and checked) along the way
+
+
+def test_export_keeps_base_bytes_and_loads_as_a_sampler(tmp_path):
+    from pipeline.decode.load import load_sampler
+    from pipeline.train.export import export_hf
+
+    tok = make_tiny_tokenizer()
+    vocab = len(tok)
+    base_dir = tmp_path / "base"
+    make_tiny_llama(vocab, seed=4).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    _, model = _drafter(vocab, seed=4)
+    meta = {"mask_token": "[M]", "mask_token_id": vocab, "k_max": 6,
+            "policy_defaults": {"policy": "verify", "gamma": 0.9, "max_horizon": 6},
+            "base_model": {"spec": str(base_dir), "sha256": None}, "data_config": {}, "train_config": {}}
+    out = export_hf(model, tok, tmp_path / "export", fluid_meta=meta, base_dir=base_dir)
+    assert (out / "model.safetensors").read_bytes() == (base_dir / "model.safetensors").read_bytes()
+    sampler = load_sampler(out)
+    loaded = sampler.model
+    assert find_drafter(loaded) is not None
+    batch = _batch(np.random.default_rng(5).integers(2, vocab, size=20), vocab)
+    torch.testing.assert_close(forward_batch(loaded, batch), forward_batch(model, batch), rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="drafter"):
+        (out / "drafter.safetensors").unlink()
+        load_sampler(out)
