@@ -82,6 +82,9 @@ def test_verify_with_the_drafter_reproduces_the_base_greedy_output():
         ref = base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
                             min_new_tokens=24, pad_token_id=1)[0, len(p):].tolist()
         assert res.token_ids == ref
+        own = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                             min_new_tokens=24, pad_token_id=1)[0, len(p):].tolist()
+        assert own == ref  # HF generate on the drafter model never feeds [M]: it is the base model
         assert res.stats.mask_tokens > 0  # drafts were proposed (and checked) along the way
 
 
