@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def distill(cfg: FluidConfig, *, ray_address: str | None = None, local: bool = False) -> dict:
     """Run (or resume) the distillation; returns the summary (also written to `summary.json`)."""
-    import fsspec
     import ray
 
     from pipeline.data.distill import check_manifest, done_shards, select_prompts
@@ -118,6 +117,7 @@ def distill(cfg: FluidConfig, *, ray_address: str | None = None, local: bool = F
           f"→ {d.output}", flush=True)
     t0 = time.perf_counter()
     rows = []
+    old = _read_summary(d.output)
     kwargs = dict(spec=cfg.model.spec, cache_dir=cfg.model.cache_dir, mask_token=cfg.model.mask_token,
                   output=d.output, new_tokens=d.new_tokens, batch_size=d.batch_size)
     items = [{"shard": s, "prompts": prompts[s * d.shard_size:(s + 1) * d.shard_size].reshape(-1),
@@ -128,6 +128,7 @@ def distill(cfg: FluidConfig, *, ray_address: str | None = None, local: bool = F
         tokens = sum(int(r["tokens"]) for r in rows)
         print(f"[fluid] distill: shard {int(row['shard'])} done ({len(rows)}/{len(todo)}), "
               f"{tokens} tokens, {tokens / (time.perf_counter() - t0):.1f} tokens/s", flush=True)
+        _write_summary(d.output, _totals(old, rows, time.perf_counter() - t0, n_shards))  # an interrupted run keeps them
 
     if todo and local:
         model = Distiller(**kwargs, threads=d.cpus_per_actor)
@@ -145,19 +146,27 @@ def distill(cfg: FluidConfig, *, ray_address: str | None = None, local: bool = F
         ds.context.enable_progress_bars = False
         for row in ds.iter_rows():
             progress(row)
-    seconds = time.perf_counter() - t0
-    summary = _update_summary(d.output, rows, seconds, n_shards)
-    fs, path = fsspec.core.url_to_fs(f"{d.output.rstrip('/')}/summary.json")
-    fs.pipe_file(path, json.dumps(summary, indent=2).encode())
+    summary = _totals(old, rows, time.perf_counter() - t0, n_shards)
+    _write_summary(d.output, summary)
     return summary
 
 
-def _update_summary(output: str, rows: list[dict], seconds: float, n_shards: int) -> dict:
-    """Totals over every sitting (the previous summary.json plus this run's shards)."""
+def _read_summary(output: str) -> dict:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(f"{output.rstrip('/')}/summary.json")
-    old = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+
+
+def _write_summary(output: str, summary: dict) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{output.rstrip('/')}/summary.json")
+    fs.pipe_file(path, json.dumps(summary, indent=2).encode())
+
+
+def _totals(old: dict, rows: list[dict], seconds: float, n_shards: int) -> dict:
+    """Totals over every sitting: the summary found at the start plus this sitting's shards."""
     keys = ("prompts", "tokens", "eos")
     s = {k: int(old.get(k, 0)) + sum(int(r[k]) for r in rows) for k in keys}
     s["generate_seconds"] = float(old.get("generate_seconds", 0.0)) + sum(float(r["seconds"]) for r in rows)
@@ -166,7 +175,6 @@ def _update_summary(output: str, rows: list[dict], seconds: float, n_shards: int
     s["shards_done"] = int(old.get("shards_done", 0)) + len(rows)
     s["shards"] = n_shards
     s["tokens_per_generate_second"] = s["tokens"] / s["generate_seconds"] if s["generate_seconds"] else 0.0
-    s["output"] = output
     return s
 
 
