@@ -166,13 +166,14 @@ def _write_summary(output: str, summary: dict) -> None:
 
 
 def _totals(old: dict, rows: list[dict], seconds: float, n_shards: int) -> dict:
-    """Totals over every sitting: the summary found at the start plus this sitting's shards."""
+    """Totals over every sitting: the summary found at the start plus this sitting's shards (a shard written
+    again after its file was lost counts again: these are costs, not the corpus size)."""
     keys = ("prompts", "tokens", "eos")
     s = {k: int(old.get(k, 0)) + sum(int(r[k]) for r in rows) for k in keys}
     s["generate_seconds"] = float(old.get("generate_seconds", 0.0)) + sum(float(r["seconds"]) for r in rows)
     s["generate_cpu_seconds"] = float(old.get("generate_cpu_seconds", 0.0)) + sum(float(r["cpu_seconds"]) for r in rows)
     s["wall_seconds"] = float(old.get("wall_seconds", 0.0)) + seconds
-    s["shards_done"] = int(old.get("shards_done", 0)) + len(rows)
+    s["shards_written"] = int(old.get("shards_written", 0)) + len(rows)
     s["shards"] = n_shards
     s["tokens_per_generate_second"] = s["tokens"] / s["generate_seconds"] if s["generate_seconds"] else 0.0
     return s

@@ -29,7 +29,7 @@ def test_distill_matches_hf_generate_resumes_by_shard_and_trains_the_frozen_draf
 
     corpus = _corpus(tmp_path / "corpus")
     summary = distill(_distill_cfg(tmp_path, tiny_resolved, corpus))
-    assert summary["prompts"] == 6 and summary["shards_done"] == 3 and summary["tokens"] > 0
+    assert summary["prompts"] == 6 and summary["shards_written"] == 3 and summary["tokens"] > 0
     prompts, conts = read_distilled(str(tmp_path / "distilled"))
     base = load_causal_lm(tiny_resolved.path)
     for p, c in zip(prompts, conts, strict=True):  # each continuation is HF greedy generate of its prompt
@@ -42,7 +42,7 @@ def test_distill_matches_hf_generate_resumes_by_shard_and_trains_the_frozen_draf
     before = shard1.read_bytes()
     shard1.unlink()
     again = distill(_distill_cfg(tmp_path, tiny_resolved, corpus))
-    assert again["shards_done"] == 4 and again["prompts"] == 8  # totals over sittings: one shard redone
+    assert again["shards_written"] == 4 and again["prompts"] == 8  # totals over sittings: one shard redone
     assert shard1.read_bytes() == before and shard_path(str(tmp_path / "distilled"), 1).endswith("00001.parquet")
     with pytest.raises(FluidError, match="new_tokens"):
         distill(_distill_cfg(tmp_path, tiny_resolved, corpus, "--distill.new_tokens=8"))
