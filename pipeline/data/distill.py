@@ -1,4 +1,4 @@
-"""Self-distillation core (docs/method.md §"Where acceptance comes from"): prompts cut from the training
+"""Self-distillation core (docs/method.md §12): prompts cut from the training
 split, the base model's batched greedy continuations, and the Parquet shards that hold them. No Ray.
 
 In:  a `DataConfig` and a resolved tokenizer folder (prompts); a causal LM and [B, P] prompt ids
