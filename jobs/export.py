@@ -1,9 +1,17 @@
-"""`fluid export` / `python -m jobs.export`: turn any training checkpoint into a Hugging Face folder.
+"""`fluid export` / `python -m jobs.export`: turn a training checkpoint, or a plain model, into an export.
 
-Reads the run configuration saved inside the checkpoint (`trainer_state.json`), rebuilds the model
-(base model + `[M]` row, LoRA or the frozen-base drafter if it was used), loads the sharded DCP weights into it (DCP re-shards,
-so a checkpoint written by N workers loads in one process) and writes `save_pretrained`
-safetensors + tokenizer + `fluid.json` to `--output` (atomically: temp folder, then rename).
+    fluid export --checkpoint runs/fluid-adapt/checkpoint_000010 --output runs/export
+    fluid export --from-model ~/models/my-llama --output runs/plain-export     # no training: AR speed
+
+--checkpoint: reads the run configuration saved inside the checkpoint (`trainer_state.json`), rebuilds
+the model (base model + `[M]` row, LoRA or the frozen-base drafter if it was used), loads the sharded DCP weights into it (DCP
+re-shards, so a checkpoint written by N workers loads in one process).
+--from-model: any model spec (a Hugging Face folder, a built-in name such as smollm2-135m, a .gguf
+file, an fsspec URL) gets an untrained `[M]` row (the mean embedding). `fluid serve` and `fluid
+generate` accept the result; its drafts are untrained, so `verify` is lossless but runs at AR speed
+(the server says so) until the model is adapted with `fluid adapt`.
+Both write `save_pretrained` safetensors + tokenizer + `fluid.json` to `--output` (atomically: temp
+folder, then rename).
 """
 
 from __future__ import annotations
@@ -19,13 +27,41 @@ from pipeline.errors import FluidError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fluid export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint folder (e.g. runs/fluid-adapt/checkpoint_…); fsspec URLs are copied first")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint",
+                     help="checkpoint folder (e.g. runs/fluid-adapt/checkpoint_…); fsspec URLs are copied first")
+    src.add_argument("--from-model", metavar="MODEL",
+                     help="a plain model (HF folder, built-in name, .gguf, URL): export with untrained drafts")
     parser.add_argument("--output", required=True, help="folder to write the Hugging Face export to")
     args = parser.parse_args(argv)
-    export_checkpoint(args.checkpoint, args.output)
-    print(f"[fluid] exported {args.checkpoint} → {args.output}")
+    if args.from_model:
+        export_plain_model(args.from_model, args.output)
+        print(f"[fluid] exported {args.from_model} → {args.output} (drafts untrained: `verify` runs at AR speed "
+              "until the model is adapted)")
+    else:
+        export_checkpoint(args.checkpoint, args.output)
+        print(f"[fluid] exported {args.checkpoint} → {args.output}")
     return 0
+
+
+def export_plain_model(spec: str, output: str) -> Path:
+    """An export of an untrained model: its weights, an `[M]` row, fluid.json with steps_done 0."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.config import FluidConfig
+    from pipeline.model.causal_lm import add_mask_token, load_causal_lm
+    from pipeline.sources.model_source import resolve_model
+    from pipeline.train.export import export_hf, export_meta
+
+    cfg = FluidConfig()
+    cfg.model.spec = spec
+    cfg.sampler.policy = "verify"  # lossless whatever the drafts are
+    resolved = resolve_model(spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+    model = load_causal_lm(resolved.path, dtype=torch.float32, use_safetensors=True)
+    add_mask_token(model, resolved.mask_token_id)
+    meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), 0)
+    return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta)
 
 
 def export_checkpoint(checkpoint: str, output: str) -> Path:

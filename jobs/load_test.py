@@ -3,6 +3,7 @@
     python -m jobs.load_test --url http://127.0.0.1:8000 --clients 16 --requests 128
     python -m jobs.load_test --compare --tiny                     # local tiny-model server: 1 vs 16 clients
     python -m jobs.load_test --compare --serve.model=EXPORT_DIR   # a local server for your export
+    python -m jobs.load_test --url http://127.0.0.1:8000 --levels 1,4,16,64 --requests 64   # a sweep
 
 In:  a running endpoint on this machine (127.0.0.1 / localhost only), or `--tiny` / `--serve.model`
      to start one here (local Ray + Serve, stopped at the end); request settings (max tokens, policy…).
@@ -10,7 +11,10 @@ Out: a table per run — requests, errors, wall time, requests/s, generated toke
      (ms), time to first chunk with --stream, tokens per forward — and with --compare the aggregate
      throughput ratio of 16 clients vs 1: the median of per-round ratios over --rounds interleaved
      rounds (shared machines are noisy); goal ≥ 4× thanks to batching, zero errors (exit status 1
-     otherwise). `--out FILE.jsonl` appends one JSON record per run.
+     otherwise). `--levels` runs each client count in turn with --requests requests per level and checks
+     the serving goals: tokens/s not falling from the second-highest level to the highest, the 16-client
+     level ≥ 4× the 1-client level, p99 ≤ 2× p50 at the highest level, zero errors.
+     `--out FILE.jsonl` appends one JSON record per run.
 Each client is a thread running requests back to back; every request has a timeout, the whole run a
 deadline (--max-seconds), so the test always ends. Greedy, ignore_eos: every request makes max_tokens.
 """
@@ -154,6 +158,26 @@ def start_local_server(cfg, clients: int) -> str:
     return f"http://127.0.0.1:{sc.port}{sc.route_prefix.rstrip('/')}"
 
 
+def sweep_goals(rows: list[dict]) -> bool:
+    """Print and check the serving goals of a --levels sweep (see the module docstring)."""
+    by = {r["clients"]: r for r in rows}
+    top, checks = max(by), []
+    if len(by) > 1:
+        second = sorted(by)[-2]
+        checks.append((f"tok/s at {top} >= at {second}", by[top]["tok/s"] >= by[second]["tok/s"],
+                       f"{by[top]['tok/s']:.1f} vs {by[second]['tok/s']:.1f}"))
+    if 1 in by and 16 in by:
+        ratio = by[16]["tok/s"] / by[1]["tok/s"] if by[1]["tok/s"] else 0.0
+        checks.append(("16 vs 1 clients >= 4x", ratio >= 4.0, f"{ratio:.2f}x"))
+    checks.append((f"p99 <= 2x p50 at {top}", by[top]["p99_ms"] <= 2 * by[top]["p50_ms"],
+                   f"{by[top]['p99_ms']:.0f} vs {by[top]['p50_ms']:.0f} ms"))
+    errors = sum(r["errors"] + r["unfinished"] for r in rows)
+    checks.append(("0 errors", errors == 0, str(errors)))
+    for name, ok, value in checks:
+        print(f"  goal {name}: {value} — {'met' if ok else 'NOT met'}")
+    return all(ok for _, ok, _ in checks)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.load_test", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=None, help="requests in all (default 16 per client)")
     p.add_argument("--compare", action="store_true", help="run 1 client and --clients clients, and compare")
+    p.add_argument("--levels", help="comma-separated client counts, each with --requests requests (a sweep)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --compare (median ratio)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt", default="Once upon a time there was a city")
@@ -186,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FluidError(f"--url {base}: this load test only targets 127.0.0.1/localhost")
         base = base.rstrip("/")
         headers = {}
-        from pipeline.serve.openai_api import load_api_key
+        from pipeline.serve.openai_api import driver_key, read_key_file
 
-        key = load_api_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
+        key_file, key = driver_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
+        key = read_key_file(key_file) if key_file else key
         if key:
             headers["Authorization"] = f"Bearer {key}"
         models = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
@@ -203,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         url = f"{base}/v1/completions"
         run_load(url, 2, 4, body, headers, timeout=args.timeout, deadline_s=args.max_seconds)  # warm-up
         per_client = max(1, (args.requests or 16 * args.clients) // args.clients)
-        if args.compare:  # interleaved, order alternating per round
+        levels = [int(x) for x in args.levels.split(",")] if args.levels else []
+        if levels:
+            plan = [(1, c, args.requests or 64) for c in levels]
+        elif args.compare:  # interleaved, order alternating per round
             pair = [(1, per_client), (args.clients, per_client * args.clients)]
             plan = [(r + 1, *x) for r in range(max(1, args.rounds)) for x in (pair if r % 2 == 0 else pair[::-1])]
         else:
@@ -227,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps({"time": time.time(), "model": model, "max_tokens": args.max_tokens, **r}) + "\n")
+    if levels:
+        return 0 if sweep_goals(rows) else 1
     if args.compare:
         ratios = []
         for rnd in sorted({r["round"] for r in rows}):

@@ -1,11 +1,18 @@
 """`fluid serve`: host a FLUID export behind an OpenAI-compatible endpoint on Ray Serve.
 
-    python -m jobs.serve --serve.model=EXPORT_DIR            # or an fsspec URL (s3://…, gs://…)
-    fluid serve --serve.model=EXPORT_DIR --serve.port=8000 --serve.max_batch_size=16
+    fluid serve --serve.model=EXPORT_DIR                    # or an fsspec URL (s3://…, gs://…)
+    FLUID_API_KEY_FILE=/etc/fluid/api-key fluid serve --serve.model=EXPORT_DIR --serve.host=0.0.0.0
+    fluid serve --address=HEAD:6379 --serve.model=… --serve.app_name=fluid-b --serve.route_prefix=/b
 
-In:  the `serve` section of the config (pipeline/config.py: model, host, port, replicas, limits, API key).
-Out: a running Serve app at http://HOST:PORT<route_prefix>/v1 (completions, chat/completions, models)
-     and /healthz; the URL is printed; Ctrl-C deletes the app and stops Serve.
+In:  the `serve` section of the config (pipeline/config.py: model, host, port, replicas, limits, key).
+     The API key: a file every replica can read (`FLUID_API_KEY_FILE` or --serve.api_key_file: a
+     mounted secret on a cluster), or the raw key in `FLUID_API_KEY` (this process only: replicas get
+     its sha256 digest, never the key, since Ray shows app args and runtime envs in its dashboard).
+Out: a running Serve app at http://HOST:PORT<route_prefix>/v1 (completions, chat/completions, models),
+     /healthz and /docs; the URL is printed. Before printing it, the replicas are asked which key
+     they enforce: a configured key that is not enforced stops the start. Binding a non-loopback host
+     without a key prints a warning. Ctrl-C deletes this app only; Serve itself is stopped only on a
+     Ray instance this command started.
 Connects to a running Ray cluster when RAY_ADDRESS (or --address) is set, else starts a local one.
 For clusters, `serve deploy cluster/serve_config.yaml` deploys the same app from a config file.
 """
@@ -13,11 +20,14 @@ For clusters, `serve deploy cluster/serve_config.yaml` deploys the same app from
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from jobs.common import parse_job_args, run_job
 from pipeline.errors import FluidError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,32 +37,42 @@ def main(argv: list[str] | None = None) -> int:
                         "local instance)")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a new local Ray instance")
     args, cfg = parse_job_args(parser, argv)
-    sc = cfg.serve
-    if not sc.model:
-        raise FluidError("set --serve.model=EXPORT_DIR (a FLUID export folder or an fsspec URL)")
+    if not cfg.serve.model:
+        raise FluidError("set --serve.model=EXPORT_DIR (a FLUID export folder or an fsspec URL; "
+                         "`fluid export --from-model DIR --output EXPORT_DIR` makes one from a plain model)")
 
     import ray
     from ray import serve
 
-    from pipeline.serve.app import build_app
-    from pipeline.serve.openai_api import load_api_key
+    from pipeline.serve.app import build_app, replica_config, verify_auth
 
+    sc = replica_config(cfg.serve)  # the raw key (if any) becomes its digest here
     app = build_app(sc)  # checks a local model path before anything starts
-    ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, configure_logging=False)
+    auth = sc.api_key_file or sc.api_key_sha256
+    if not auth and sc.host not in LOOPBACK:
+        print(f"WARNING: serving on {sc.host} without an API key: anyone who reaches port {sc.port} can "
+              "generate. Set FLUID_API_KEY_FILE (a secret file) or FLUID_API_KEY.", file=sys.stderr, flush=True)
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    ray.init(address=args.address, num_cpus=None if joined else args.num_cpus, include_dashboard=False,
+             configure_logging=False)
+    if joined and sc.app_name in serve.status().applications:
+        raise FluidError(f"an application named {sc.app_name!r} already runs on this cluster; pick another "
+                         "--serve.app_name (and --serve.route_prefix), or delete it with `serve shutdown`")
     serve.start(http_options={"host": sc.host, "port": sc.port})
-    serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
-    prefix = sc.route_prefix.rstrip("/")
-    auth = "on" if load_api_key(sc.api_key_env, sc.api_key_file) else "off"
-    print(f"serving {sc.model} at http://{sc.host}:{sc.port}{prefix}/v1 (auth {auth}; "
-          f"health: {prefix}/healthz) — Ctrl-C to stop", flush=True)
+    handle = serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
     try:
+        verify_auth(handle, sc)
+        prefix = sc.route_prefix.rstrip("/")
+        print(f"serving {sc.model} at http://{sc.host}:{sc.port}{prefix}/v1 (auth {'on' if auth else 'off'}; "
+              f"health: {prefix}/healthz, API docs: {prefix}/docs) — Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         print("stopping …", file=sys.stderr, flush=True)
     finally:
-        serve.delete(sc.app_name)
-        serve.shutdown()
+        serve.delete(sc.app_name)  # this app only: others on a shared cluster keep running
+        if not joined:
+            serve.shutdown()
     return 0
 
 

@@ -179,9 +179,16 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     max_queued_requests: int = 64
     api_key_env: str = "FLUID_API_KEY"
+    """Env var holding the raw key, read by `fluid serve` only (replicas get its sha256 digest)."""
     api_key_file: str | None = None
+    """Key file (a mounted secret) every replica reads; default: $FLUID_API_KEY_FILE."""
+    api_key_sha256: str | None = None
+    """'sha256:<hex>' of the key, for configs that cannot mount a file (set by `fluid serve`)."""
     max_request_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for."""
+    default_max_tokens: int = 256
+    """max_tokens of chat requests that give none (completions: 16, as OpenAI's API)."""
     model_name: str = ""
     """The model id clients send; default: the export folder's name."""
     trust_remote_code: bool = False
@@ -195,6 +202,12 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 4
     target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 30.0
+    """Autoscaling: how long load must stay above target before a replica is added."""
+    downscale_delay_s: float = 600.0
+    """Autoscaling: how long load must stay below target before a replica is removed."""
+    look_back_period_s: float = 30.0
+    """Autoscaling: the window over which ongoing requests are averaged."""
     stream_interval_s: float = 0.0
     """Streaming: SSE events of decoding steps faster than this are sent in one write (0 = every step at once)."""
     route_prefix: str = "/"

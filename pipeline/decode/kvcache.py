@@ -84,3 +84,28 @@ def compact_rows(cache, valid: torch.Tensor) -> torch.Tensor:
         layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
         layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
     return new_valid
+
+
+def join_rows(cache, valid, other, other_valid) -> torch.Tensor:
+    """Append the rows of cache `other` to `cache` (continuous batching: rows prefilled apart join the
+    running batch). The shorter side gets masked left padding (zeros: finite, never attended to).
+    Returns the joined `valid` [B + B', max(S, S')]."""
+    check_supported(cache)
+    s, s2 = cache_len(cache), cache_len(other)
+    if valid.shape[1] != s or other_valid.shape[1] != s2:
+        raise ValueError(f"join_rows: valid masks ({valid.shape[1]}, {other_valid.shape[1]} columns) do not "
+                         f"match the caches ({s}, {s2} entries)")
+    n = max(s, s2)
+
+    def pad(t: torch.Tensor, by: int) -> torch.Tensor:
+        return t if by == 0 else torch.cat([t.new_zeros((*t.shape[:2], by, t.shape[3])), t], dim=2)
+
+    for layer, extra in zip(cache.layers, other.layers, strict=True):
+        layer.keys = torch.cat([pad(layer.keys, n - s), pad(extra.keys, n - s2)], dim=0)
+        layer.values = torch.cat([pad(layer.values, n - s), pad(extra.values, n - s2)], dim=0)
+    return torch.cat([pad_mask(valid, n - s), pad_mask(other_valid, n - s2)], dim=0)
+
+
+def pad_mask(valid: torch.Tensor, by: int) -> torch.Tensor:
+    """`valid` [B, S] with `by` invalid columns in front."""
+    return torch.cat([valid.new_zeros((valid.shape[0], by)), valid], dim=1) if by else valid

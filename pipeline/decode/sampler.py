@@ -10,6 +10,13 @@ Batching: rows are left-aligned in the step's [B, W] input and right-padded. One
 entries a row did not keep become holes, tracked in `valid` [B, S] and hidden by an explicit 4-D mask
 (position ids are per row). Holes are compacted away from time to time (kvcache.compact_rows).
 With one row, or when nothing is ragged, no mask is passed and the model's own causal mask is used.
+
+Continuous batching (iteration-level scheduling, as Orca and vLLM do): `_Decoder.add` admits new rows
+between steps and finished rows leave after the step that finished them. A new row's prompt is fed in
+a forward of its own (with the other rows admitted at the same time) on a fresh cache, which is then
+joined to the running cache (kvcache.join_rows), so the running rows never pay for a wide prefill
+input. Each row keeps its own horizon, positions and cache entries: output equals unbatched decoding.
+Text is detokenized incrementally (detok.py), stop strings are matched on the newest text only.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.decode import kvcache
+from pipeline.decode.detok import IncrementalText, TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.policies import (
     ELASTIC,
@@ -75,7 +83,7 @@ class StreamChunk:
 class _Row:
     """Decoding state of one request."""
 
-    def __init__(self, r: Resolved):
+    def __init__(self, r: Resolved, tokenizer):
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
@@ -83,7 +91,9 @@ class _Row:
         self.pos = 0  # this row's tokens in the cache = position of feed[0]
         self.generated: list[int] = []
         self.finish: str | None = None
-        self.text: str | None = None
+        self.text: str | None = None  # the final text (set when the row finishes)
+        self.detok = IncrementalText(tokenizer, r.stop)
+        self.new_text = ""  # text added by the last step
         # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
         self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
         self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
@@ -99,19 +109,29 @@ class _Row:
 
 
 class _Decoder:
-    """Batched decoding of several requests; `step()` runs one forward for all active rows."""
+    """Batched decoding of several requests; `step()` runs one forward for the rows in the cache and
+    one for rows added since the last step. `rows` are the rows it was created with."""
 
     def __init__(self, sampler: Sampler, resolved: list[Resolved]):
         self.s = sampler
-        self.rows = [_Row(r) for r in resolved]
-        self.active = list(self.rows)
-        self.cache = DynamicCache(config=sampler.model.config)
-        kvcache.check_supported(self.cache)
-        self.valid = torch.zeros((len(self.rows), 0), dtype=torch.bool, device=sampler.device)
+        self.active: list[_Row] = []  # rows in the cache (in cache order), then rows not yet fed
+        self.cache = None
+        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=sampler.device)
+        self.rows = self.add(resolved)
 
     @property
     def done(self) -> bool:
         return not self.active
+
+    def add(self, resolved: list[Resolved]) -> list[_Row]:
+        """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
+        rows = [_Row(r, self.s.tokenizer) for r in resolved]
+        self.active.extend(rows)
+        return rows
+
+    def kv_entries(self) -> int:
+        """Cache entries held (rows × cache length, holes included): the decoder's KV use."""
+        return int(self.valid.numel())
 
     def _horizon(self, row: _Row) -> int:
         r = row.r
@@ -134,29 +154,48 @@ class _Decoder:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[_Row, list[int]]]:
-        """One forward for all active rows; returns (row, tokens committed) per row. A caller may end a
-        row between steps by setting `row.finish` (e.g. "cancelled"): it is dropped before the forward."""
+        """One decoding step for all active rows; returns (row, tokens committed) per row. A caller may end
+        a row between steps by setting `row.finish` (e.g. "cancelled"): it is dropped before the forward."""
         self._drop_finished()
-        if not self.active:
-            return []
-        s, rows = self.s, self.active
+        n_cached = self.valid.shape[0]
+        cached, fresh = self.active[:n_cached], self.active[n_cached:]
+        events = []
+        if cached:
+            events += self._forward(cached, self.cache)
+        if fresh:
+            cache = DynamicCache(config=self.s.model.config)
+            kvcache.check_supported(cache)
+            valid = self.valid
+            self.valid = torch.zeros((len(fresh), 0), dtype=torch.bool, device=self.s.device)
+            events += self._forward(fresh, cache)
+            if cached:
+                self.valid = kvcache.join_rows(self.cache, valid, cache, self.valid)
+            else:
+                self.cache = cache
+        self._drop_finished()
+        self._compact()
+        return events
+
+    def _forward(self, rows: list[_Row], cache) -> list[tuple[_Row, list[int]]]:
+        """One forward of `rows` against `cache`, whose entries `self.valid` describes."""
+        s = self.s
         ks = [self._horizon(row) for row in rows]
         blocks = [row.feed + [s.mask_token_id] * (k - 1) for row, k in zip(rows, ks, strict=True)]
         lens = torch.tensor([len(b) for b in blocks])
-        b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(self.cache)
+        b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(cache)
         ids = torch.full((b_sz, width), s.mask_token_id, dtype=torch.long)
         for i, blk in enumerate(blocks):
             ids[i, : len(blk)] = torch.tensor(blk)
         pos = torch.tensor([row.pos for row in rows])[:, None] + torch.arange(width)[None, :]
         mask = None
         if bool((lens != width).any()) or not bool(self.valid.all()):
-            mask = self._mask(lens, past, width)
+            mask = self._mask(self.valid, lens, past, width)
         first = [len(row.feed) - 1 - row.n_drafts for row in rows]  # first output each row reads
         keep = width - min(first)
         want_hidden = any(row.r.policy == "khead" for row in rows)
         out = s.model(input_ids=ids.to(s.device), position_ids=pos.to(s.device), attention_mask=mask,
                       use_cache=True, logits_to_keep=keep, output_hidden_states=want_hidden,
-                      **{s.cache_kwarg: self.cache})
+                      **{s.cache_kwarg: cache})
         logits = out.logits.float()
         logits[..., s.banned_ids] = float("-inf")
         off = width - keep
@@ -176,13 +215,17 @@ class _Decoder:
             events.append((row, self._commit(row, tokens)))
             if row.observe:
                 self._judge_probe(row)
-        self._update_cache(keeps, width)
+        kmax = max(keeps)
+        kvcache.drop_last(cache, width - kmax)
+        dev = s.device
+        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
         return events
 
-    def _mask(self, lens: torch.Tensor, past: int, width: int) -> torch.Tensor:
+    def _mask(self, valid: torch.Tensor, lens: torch.Tensor, past: int, width: int) -> torch.Tensor:
         dev = self.s.device
         real = (torch.arange(width)[None, :] < lens[:, None]).to(dev)
-        key_ok = torch.cat([self.valid, real], dim=1)  # [B, past + W]
+        key_ok = torch.cat([valid, real], dim=1)  # [B, past + W]
         causal = torch.ones(width, past + width, dtype=torch.bool, device=dev).tril(diagonal=past)
         m = key_ok[:, None, :] & causal[None]
         diag = torch.arange(width, device=dev)
@@ -258,28 +301,25 @@ class _Decoder:
         return masks.argmax(dim=-1).tolist()
 
     def _commit(self, row: _Row, tokens: list[int]) -> list[int]:
-        """Append tokens, trimming exactly at EOS, max_tokens or a stop string (as AR would stop)."""
+        """Append tokens, trimming exactly at EOS, max_tokens or a stop string (as AR would stop).
+        Text is decoded incrementally; a stop string is searched for in the newest text only."""
         r, s = row.r, self.s
-        base, out, reason = len(row.generated), [], None
+        out, reason, parts = [], None, []
         for t in tokens:
             if r.stop_on_eos and t in s.eos_ids:
                 reason = "eos"
                 break
             out.append(t)
-            if base + len(out) >= r.max_tokens:
+            parts.append(row.detok.push(t))
+            if row.detok.stop_at is not None:
+                reason = "stop"
+                row.text = row.detok.text[: row.detok.stop_at]
+                break
+            if len(row.generated) + len(out) >= r.max_tokens:
                 reason = "length"
                 break
         row.generated.extend(out)
-        if r.stop and out:
-            text = s.decode(row.generated)
-            if _find_stop(text, r.stop) is not None:
-                for j in range(1, len(out) + 1):
-                    text = s.decode(row.generated[: base + j])
-                    hit = _find_stop(text, r.stop)
-                    if hit is not None:
-                        break
-                del row.generated[base + j :]
-                out, reason, row.text = out[:j], "stop", text[:hit]
+        row.new_text = "".join(parts)
         st = row.stats
         st.forwards += 1
         st.tokens = len(row.generated)
@@ -287,19 +327,13 @@ class _Decoder:
         if reason is not None:
             row.finish = reason
             if row.text is None:
-                row.text = s.decode(row.generated)
+                row.text = s.decode(row.generated)  # once per request: the exact full decode
             st.tokens_per_forward = st.tokens / st.forwards
             st.wall_time_s = time.perf_counter() - row.t0
         return out
 
-    def _update_cache(self, keeps: list[int], width: int) -> None:
-        dev = self.s.device
-        kmax = max(keeps)
-        kvcache.drop_last(self.cache, width - kmax)
-        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
-        self.valid = torch.cat([self.valid, new_valid], dim=1)
-        self._drop_finished()
-        if not self.active:
+    def _compact(self) -> None:
+        if not self.active or self.cache is None:
             return
         size = self.valid.shape[1]
         holes = size - int(self.valid.sum(dim=1).max())
@@ -307,40 +341,20 @@ class _Decoder:
             self.valid = kvcache.compact_rows(self.cache, self.valid)
 
     def _drop_finished(self) -> None:
+        """Remove finished rows; those in the cache leave it (their entries are freed)."""
+        n_cached = self.valid.shape[0]
         alive = [i for i, row in enumerate(self.active) if row.finish is None]
         if len(alive) == len(self.active):
             return
-        if alive and kvcache.cache_len(self.cache):
-            idx = torch.tensor(alive, device=self.s.device)
-            kvcache.select_rows(self.cache, idx)
-            self.valid = self.valid[idx]
-        elif alive:
-            self.valid = self.valid[alive]
+        keep = [i for i in alive if i < n_cached]
+        if len(keep) < n_cached:
+            if keep:
+                kvcache.select_rows(self.cache, torch.tensor(keep, device=self.s.device))
+                self.valid = self.valid[keep]
+            else:
+                self.cache = None
+                self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.s.device)
         self.active = [self.active[i] for i in alive]
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-class TextDeltas:
-    """Incremental text: re-decode, emit only the stable new suffix."""
-
-    def __init__(self, decode, stops: list[str]):
-        self.decode, self.stops, self.emitted = decode, stops, ""
-
-    def push(self, ids: list[int], final: str | None = None) -> str:
-        if final is None:
-            stable = self.decode(ids).rstrip("\ufffd")  # an incomplete UTF-8 character decodes to U+FFFD
-            hold = max((n for x in self.stops for n in range(1, len(x)) if stable.endswith(x[:n])), default=0)
-            stable = stable[: len(stable) - hold]
-        else:
-            stable = final
-        if len(stable) <= len(self.emitted) or not stable.startswith(self.emitted):
-            return ""
-        delta, self.emitted = stable[len(self.emitted) :], stable
-        return delta
 
 
 class Sampler:
@@ -421,14 +435,14 @@ class Sampler:
     def stream(self, request: GenerationRequest) -> Iterator[StreamChunk]:
         dec = self.decoder([request])
         row = dec.rows[0]
-        deltas = TextDeltas(self.decode, row.r.stop)
+        deltas = TextDeltas(row.r.stop)
         while not dec.done:
             [(_, toks)] = dec.step()
             if row.finish is None:
-                yield StreamChunk(toks, deltas.push(row.generated))
+                yield StreamChunk(toks, deltas.push(row.new_text))
             else:
                 res = self.result(row)
-                yield StreamChunk(toks, deltas.push(row.generated, final=res.text), row.finish, res)
+                yield StreamChunk(toks, deltas.finish(res.text), row.finish, res)
 
     def result(self, row: _Row) -> GenerationResult:
         """The finished result of a decoder row."""

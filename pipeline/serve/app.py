@@ -1,28 +1,30 @@
 """Ray Serve edge: an OpenAI-compatible HTTP endpoint for the elastic-horizon sampler (docs/architecture.md).
 
 In:  `ServeConfig` (pipeline/config.py): the export folder or fsspec URL (copied locally first), limits,
-     replicas and resources; HTTP requests to POST /v1/completions, POST /v1/chat/completions,
-     GET /v1/models and GET /healthz (relative to the app's route prefix).
-Out: JSON responses, or SSE streams in the OpenAI format (one chunk per decoding step, then
-     `data: [DONE]`), with `usage` and our `fluid` stats; errors as OpenAI error JSON (openai_api.py).
-     `build_app(cfg)` returns the Serve Application; `app_builder(args)` serves `serve deploy` files.
+     replicas, autoscaling and resources, and the API key as a file path or a sha256 digest (never the
+     raw key: Ray shows application args and runtime envs in its dashboard and State API).
+Out: `build_app(cfg)` → the Serve Application: `FluidServer` replicas behind `serve.ingress()`, whose
+     FastAPI routes (http.py) serve /v1/completions, /v1/chat/completions, /v1/models, /healthz and
+     /docs; `app_builder(args)` serves `serve deploy` files; `verify_auth(handle, digest)` checks that
+     the replicas enforce the key the driver was given. Replica metrics go to Ray's metrics export
+     port (metrics.py).
 
-`FluidServer` is a plain class (Starlette request → response) so it also runs without Ray in tests;
-Ray is imported only in `build_app`. Each replica loads the model once and batches requests with
-serve_engine.Engine. Overload → 429 + Retry-After; a disconnected client's request is cancelled.
+Each replica loads the model once and batches requests continuously (engine.py). Overload → 429 +
+Retry-After; a disconnected client's request is cancelled. `FluidServer` is a plain class, so tests
+run it without Ray (`http.make_app(FluidServer(cfg))`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pipeline.config import ServeConfig, from_dict
@@ -30,10 +32,12 @@ from pipeline.decode.policies import InvalidRequest
 from pipeline.errors import FluidError
 from pipeline.serve import openai_api as api
 from pipeline.serve.engine import Engine, Overloaded
+from pipeline.serve.metrics import replica_metrics
 
 log = logging.getLogger("fluid.serve")
 _PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _PARAMS = ("max_horizon", "policy", "gamma", "temperature", "top_p", "max_tokens", "stop", "prompt")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def localize_model(spec: str) -> Path:
@@ -44,7 +48,9 @@ def localize_model(spec: str) -> Path:
     if "://" not in spec or spec.startswith("file://"):
         path = Path(spec.removeprefix("file://")).expanduser()
         if not (path / "fluid.json").is_file():
-            raise FluidError(f"serve.model {spec}: no fluid.json there (not a FLUID export folder)")
+            hint = (f"; `fluid export --from-model {spec} --output EXPORT_DIR` makes one from a plain model"
+                    if (path / "config.json").is_file() else "")
+            raise FluidError(f"serve.model {spec}: no fluid.json there (not a FLUID export folder){hint}")
         return path
     import fsspec
 
@@ -85,87 +91,78 @@ def load_replica_sampler(cfg: ServeConfig):
     return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code), path
 
 
-def _error(e: api.ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
 def _param_of(message: str) -> str | None:
     return next((p for p in _PARAMS if p in message), None)
 
 
+def untrained_drafts_note(path: Path) -> str | None:
+    """A note when the export's drafts were never trained (`fluid export --from-model`)."""
+    try:
+        meta = json.loads((path / "fluid.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (meta.get("train_config") or {}).get("steps_done", 1) == 0:
+        return ("this export's [M] drafts are untrained (made by `fluid export --from-model`): policy 'verify' "
+                "stays lossless but runs at AR speed; adapt the model (`fluid adapt`) for speed-ups")
+    return None
+
+
 class FluidServer:
-    """One replica: the model, the batching engine, and the OpenAI routes."""
+    """One replica: the model, the batching engine, the key check; HTTP routes come from http.make_app."""
 
     def __init__(self, cfg: ServeConfig | dict):
         self.cfg = cfg if isinstance(cfg, ServeConfig) else from_dict({"serve": dict(cfg)}).serve
+        self.auth = api.Auth.for_replica(self.cfg.api_key_file, self.cfg.api_key_sha256, self.cfg.api_key_env)
         self.sampler, path = load_replica_sampler(self.cfg)
-        self.api_key = api.load_api_key(self.cfg.api_key_env, self.cfg.api_key_file)
         name = self.cfg.model_name or Path(self.cfg.model.rstrip("/")).name or path.name
         vocab = self.sampler.model.get_output_embeddings().weight.shape[0]
-        self.limits = api.Limits(name, self.cfg.max_tokens_limit, vocab, self.sampler.mask_token_id)
+        self.limits = api.Limits(name, self.cfg.max_tokens_limit, vocab, self.sampler.mask_token_id,
+                                 default_max_tokens=min(self.cfg.default_max_tokens, self.cfg.max_tokens_limit))
         self.engine = Engine(self.sampler, max_batch_size=self.cfg.max_batch_size,
                              batch_wait_timeout_s=self.cfg.batch_wait_timeout_s,
                              max_queued_requests=self.cfg.max_queued_requests,
-                             max_kv_tokens=self.cfg.max_kv_tokens or None)
+                             max_kv_tokens=self.cfg.max_kv_tokens or None, metrics=replica_metrics(name))
         self.created = int(time.time())
-        log.info("FLUID replica ready: model %s from %s, auth %s", name, path, "on" if self.api_key else "off")
+        self.drafts_note = untrained_drafts_note(path)
+        if self.drafts_note:
+            log.warning("%s", self.drafts_note)
+        if not self.auth.on and self.cfg.host not in LOOPBACK:
+            log.warning("serving on %s without an API key: anyone who reaches the port can generate", self.cfg.host)
+        log.info("FLUID replica ready: model %s from %s, auth %s", name, path, "on" if self.auth.on else "off")
+
+    def __serve_build_asgi_app__(self):
+        """Ray Serve (`serve.ingress()`) asks each replica for its ASGI app after __init__."""
+        from pipeline.serve.http import make_app
+
+        return make_app(self)
 
     def check_health(self) -> None:
         """Serve's health check: an exception makes Serve replace this replica."""
         self.engine.check()
 
-    async def __call__(self, request: Request) -> Response:
-        path = request.scope.get("path", "/")
-        root = request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        path = "/" + path.strip("/")
-        routes = {"/healthz": ("GET", self._health), "/v1/models": ("GET", self._models),
-                  "/v1/completions": ("POST", self._generate), "/v1/chat/completions": ("POST", self._generate)}
-        try:
-            if path not in routes:
-                raise api.ApiError(404, f"no route {path}; see /v1/completions, /v1/chat/completions, "
-                                   "/v1/models, /healthz", None, "not_found")
-            method, handler = routes[path]
-            if request.method != method:
-                raise api.ApiError(405, f"{path} accepts {method} only", None, "method_not_allowed")
-            if path != "/healthz":
-                api.check_auth(request.headers.get("authorization"), self.api_key)
-            return await handler(request, path)
-        except api.ApiError as e:
-            return _error(e)
-        except ClientDisconnect:
-            return Response(status_code=499)
+    def auth_fingerprint(self) -> str | None:
+        """Called by `fluid serve` through a handle: which key (if any) this replica enforces."""
+        return self.auth.fingerprint()
 
-    async def _health(self, request: Request, path: str) -> Response:
+    def health(self) -> Response:
         try:
             self.engine.check()
         except RuntimeError as e:
             return JSONResponse({"status": "error", "error": str(e)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.limits.model, **self.engine.stats()})
+        return JSONResponse({"status": "ok", "model": self.limits.model, "auth": self.auth.on, **self.engine.stats()})
 
-    async def _models(self, request: Request, path: str) -> Response:
+    def models(self) -> dict:
         s = self.sampler
         card = {"id": self.limits.model, "object": "model", "created": self.created, "owned_by": "fluid",
-                "fluid": {"k_max": s.k_max, "context": s.context, "policy_defaults": s.policy_defaults}}
-        return JSONResponse({"object": "list", "data": [card]})
+                "fluid": {"k_max": s.k_max, "context": s.context, "policy_defaults": s.policy_defaults,
+                          "max_tokens_limit": self.limits.max_tokens_limit,
+                          "default_max_tokens": self.limits.default_max_tokens,
+                          **({"note": self.drafts_note} if self.drafts_note else {})}}
+        return {"object": "list", "data": [card]}
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.cfg.max_request_bytes
-        too_big = api.ApiError(413, f"the request body exceeds {limit} bytes", None, "request_too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_big
-        buf = bytearray()
-        async for part in request.stream():
-            buf += part
-            if len(buf) > limit:
-                raise too_big
-        return bytes(buf)
-
-    async def _generate(self, request: Request, path: str) -> Response:
-        body = api.parse_json(await self._read_body(request))
-        chat = path.endswith("/chat/completions")
+    async def generate(self, kind: str, body: dict):
+        """A validated body → the OpenAI response dict, or a StreamingResponse of SSE events."""
+        chat = kind == "chat"
         p = (api.parse_chat if chat else api.parse_completion)(body, self.limits)
         if p.messages is not None:
             ids = await asyncio.to_thread(api.render_chat, self.sampler.tokenizer, p.messages)
@@ -176,7 +173,7 @@ class FluidServer:
         param = "messages" if chat else "prompt"
         api.check_prompt(ids, param=param, context=self.sampler.context, mask_token_id=self.sampler.mask_token_id)
         try:
-            ticket = self.engine.submit(p.request(ids, self.cfg.max_tokens_limit), stream=p.stream)
+            ticket = self.engine.submit(p.request(ids, self.limits.default_max_tokens), stream=p.stream)
         except Overloaded as e:
             raise api.ApiError(429, str(e), None, "rate_limit_exceeded", type="rate_limit_error",
                                headers={"Retry-After": str(e.retry_after)}) from None
@@ -196,7 +193,7 @@ class FluidServer:
             ticket.cancel()  # no-op when finished; frees the slot when this handler is cancelled
         fluid = api.fluid_stats(result.stats, queue_time_s=round(ticket.queue_time_s, 4),
                                 batch_size=ticket.batch_size)
-        return JSONResponse(api.response(p.kind, rid, p.model, result, fluid))
+        return api.response(p.kind, rid, p.model, result, fluid)
 
     async def _sse(self, p: api.Parsed, rid: str, ticket):
         """SSE body: one event per decoding step. Events of steps that come faster than
@@ -237,8 +234,10 @@ def deployment_options(cfg: ServeConfig) -> dict:
         "health_check_timeout_s": 60.0,
     }
     if cfg.autoscaling:
-        opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                      "target_ongoing_requests": cfg.target_ongoing_requests}
+        opts["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests, "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s, "look_back_period_s": cfg.look_back_period_s}
     else:
         opts["num_replicas"] = cfg.num_replicas
     return opts
@@ -246,28 +245,66 @@ def deployment_options(cfg: ServeConfig) -> dict:
 
 def check_config(cfg: ServeConfig) -> None:
     """Reject impossible serve settings before anything starts (the message names the key)."""
-    for key in ("max_batch_size", "max_request_bytes", "max_tokens_limit", "num_replicas", "min_replicas",
-                "max_replicas", "port"):
+    for key in ("max_batch_size", "max_request_bytes", "max_tokens_limit", "default_max_tokens", "num_replicas",
+                "min_replicas", "max_replicas", "port"):
         if getattr(cfg, key) < (0 if key == "min_replicas" else 1):
             raise FluidError(f"serve.{key} must be >= {0 if key == 'min_replicas' else 1}, got {getattr(cfg, key)}")
     for key in ("max_queued_requests", "max_kv_tokens", "num_cpus", "num_gpus", "batch_wait_timeout_s",
-                "stream_interval_s"):
+                "stream_interval_s", "upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
         if getattr(cfg, key) < 0:
             raise FluidError(f"serve.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.autoscaling and cfg.min_replicas > cfg.max_replicas:
         raise FluidError(f"serve.min_replicas {cfg.min_replicas} > serve.max_replicas {cfg.max_replicas}")
+    api.Auth(cfg.api_key_sha256)  # a malformed digest fails here
+
+
+def replica_config(cfg: ServeConfig) -> ServeConfig:
+    """The config the replicas get: a key given to this process (the env var `cfg.api_key_env`) becomes
+    its sha256 digest; a key file stays a path (a mounted secret every replica reads)."""
+    key_file, raw = api.driver_key(cfg.api_key_env, cfg.api_key_file)
+    if key_file and (raw or cfg.api_key_sha256):
+        raise FluidError(f"an API key file ({key_file}) and {'$' + cfg.api_key_env if raw else 'serve.api_key_sha256'} "
+                         "are both set: give one")
+    out = dataclasses.replace(cfg, api_key_file=key_file)
+    if raw:
+        out.api_key_sha256 = api.key_digest(raw)
+    return out
+
+
+def expected_fingerprint(cfg: ServeConfig) -> str | None | bool:
+    """The key fingerprint replicas of `replica_config(cfg)` must report: a string, None (auth off), or
+    True (a key file this process cannot read, e.g. a secret mounted on the cluster only)."""
+    if cfg.api_key_sha256:
+        return api.Auth(cfg.api_key_sha256).fingerprint()
+    if cfg.api_key_file:
+        try:
+            return api.Auth(api.key_digest(api.read_key_file(cfg.api_key_file))).fingerprint()
+        except FluidError:
+            return True
+    return None
+
+
+def verify_auth(handle, cfg: ServeConfig) -> None:
+    """Refuse to go on if the running replicas do not enforce the key `cfg` (a replica_config) names."""
+    want = expected_fingerprint(cfg)
+    got = handle.auth_fingerprint.remote().result(timeout_s=60)
+    if (want is True and got is None) or (want is not True and got != want):
+        raise FluidError(f"the replicas enforce {'no key' if got is None else 'another key'} although "
+                         f"{'a key' if want else 'none'} was configured; refusing to serve")
 
 
 def build_app(cfg: ServeConfig):
-    """The Serve Application for `cfg` (run it with serve.run(app, name=..., route_prefix=...))."""
+    """The Serve Application for `cfg` (run it with serve.run(app, name=..., route_prefix=...)).
+    `cfg` must be a replica_config (no raw key); `fluid serve` and app_builder make it one."""
     from ray import serve
 
     check_config(cfg)
     if "://" not in cfg.model:
         localize_model(cfg.model)  # fail early on a wrong local path
-    return serve.deployment(FluidServer, **deployment_options(cfg)).bind(dataclasses.asdict(cfg))
+    ingress = serve.ingress()(FluidServer)
+    return serve.deployment(ingress, **deployment_options(cfg)).bind(dataclasses.asdict(cfg))
 
 
 def app_builder(args: dict):
     """Entry point for `serve deploy` config files: `args` = ServeConfig keys (or {"serve": {...}})."""
-    return build_app(from_dict({"serve": dict(args.get("serve", args))}).serve)
+    return build_app(replica_config(from_dict({"serve": dict(args.get("serve", args))}).serve))

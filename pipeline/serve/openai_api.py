@@ -9,10 +9,12 @@ Out: a `Parsed` request (→ `GenerationRequest` once the prompt is tokenized) o
 Extensions accepted in requests: `policy`, `gamma`, `max_horizon` (the sampler's knobs, docs/method.md §7)
 and `ignore_eos`. Unknown fields are ignored (clients send many); unsupported ones (n > 1, echo,
 logprobs, best_of > 1, suffix, logit_bias, penalties ≠ 0, tools) are refused by name.
+Auth: replicas hold only a sha256 digest of the key (`Auth`), read from a key file or given as a digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import math
@@ -53,6 +55,7 @@ class Limits:
     max_tokens_limit: int = 1024
     vocab_size: int | None = None
     mask_token_id: int | None = None
+    default_max_tokens: int = 256  # chat requests without max_tokens (completions: 16, as OpenAI)
 
 
 @dataclass
@@ -64,13 +67,13 @@ class Parsed:
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     messages: list[dict] | None = None
-    max_tokens: int | None = None  # None: as many as the limit and the context allow
+    max_tokens: int | None = None  # None: the server's default_max_tokens
     stream: bool = False
     include_usage: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # GenerationRequest keyword arguments
 
-    def request(self, prompt_ids: list[int], max_tokens_limit: int) -> GenerationRequest:
-        mt = self.max_tokens if self.max_tokens is not None else max_tokens_limit
+    def request(self, prompt_ids: list[int], default_max_tokens: int) -> GenerationRequest:
+        mt = self.max_tokens if self.max_tokens is not None else default_max_tokens
         return GenerationRequest(prompt_ids=list(prompt_ids), max_tokens=mt, **self.options)
 
 
@@ -261,28 +264,75 @@ def check_prompt(ids: list[int], *, param: str, context: int | None, mask_token_
 
 # ---------------------------------------------------------------- auth
 
-
-def load_api_key(env_name: str | None, key_file: str | None) -> str | None:
-    """The server's API key: the secret file if configured, else the env var if set; None = auth off."""
-    if key_file:
-        try:
-            key = Path(key_file).read_text().strip()
-        except OSError as e:
-            raise FluidError(f"serve.api_key_file {key_file}: cannot read ({e.strerror})") from None
-        if not key:
-            raise FluidError(f"serve.api_key_file {key_file} is empty")
-        return key
-    key = os.environ.get(env_name, "").strip() if env_name else ""
-    return key or None
+KEY_FILE_ENV = "FLUID_API_KEY_FILE"  # a path (mounted secret), safe to put in a runtime env or manifest
 
 
-def check_auth(header: str | None, key: str | None) -> None:
-    if key is None:
-        return
-    scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
-                       "invalid_api_key")
+def key_digest(key: str) -> str:
+    """What replicas are given instead of the key: "sha256:<hex>" (use long random keys)."""
+    return "sha256:" + hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def read_key_file(path: str) -> str:
+    try:
+        key = Path(path).expanduser().read_text().strip()
+    except OSError as e:
+        raise FluidError(f"API key file {path}: cannot read ({e.strerror}); on a cluster, mount the secret on "
+                         "every node that runs a replica") from None
+    if not key:
+        raise FluidError(f"API key file {path} is empty")
+    return key
+
+
+class Auth:
+    """The replica's key check. `digest` None = auth off. Only a digest is held, never the key."""
+
+    def __init__(self, digest: str | None):
+        if digest is not None and not (digest.startswith("sha256:") and len(digest) == 71):
+            raise FluidError("serve.api_key_sha256 must be 'sha256:' + 64 hex digits (see `fluid serve --help`)")
+        self.digest = digest
+
+    @classmethod
+    def for_replica(cls, key_file: str | None, key_sha256: str | None, raw_env: str | None) -> Auth:
+        """The key as the replica finds it: a key file (config, else $FLUID_API_KEY_FILE), else a digest.
+        A raw key in the replica's environment (shown by Ray's dashboard and State API) is refused
+        unless a file or digest is configured as well (then the environment is only inherited)."""
+        key_file = key_file or os.environ.get(KEY_FILE_ENV) or None
+        if key_file and key_sha256:
+            raise FluidError("both an API key file and serve.api_key_sha256 are set: give one")
+        if key_file:
+            return cls(key_digest(read_key_file(key_file)))
+        if key_sha256:
+            return cls(key_sha256)
+        if raw_env and os.environ.get(raw_env, "").strip():
+            raise FluidError(f"${raw_env} holds a raw API key in this replica's environment, where Ray's dashboard "
+                             f"shows it, and it would not be enforced: mount the key as a file and set "
+                             f"{KEY_FILE_ENV} (or serve.api_key_file), or start with `fluid serve`, which passes "
+                             "only its sha256 digest")
+        return cls(None)
+
+    @property
+    def on(self) -> bool:
+        return self.digest is not None
+
+    def fingerprint(self) -> str | None:
+        """A short id of the key (compare replicas and drivers without showing the key)."""
+        return None if self.digest is None else hashlib.sha256(self.digest.encode()).hexdigest()[:12]
+
+    def check(self, header: str | None) -> None:
+        if self.digest is None:
+            return
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or \
+                not hmac.compare_digest(key_digest(token).encode(), self.digest.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key")
+
+
+def driver_key(env_name: str | None, key_file: str | None) -> tuple[str | None, str | None]:
+    """The key a driver (`fluid serve`, the load test) was given: (key file, raw key from $env_name)."""
+    key_file = key_file or os.environ.get(KEY_FILE_ENV) or None
+    raw = os.environ.get(env_name, "").strip() if env_name else ""
+    return key_file, raw or None
 
 
 # ---------------------------------------------------------------- responses

@@ -9,9 +9,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.decode import kvcache
+from pipeline.decode.detok import TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.policies import ElasticHorizon, speculative_accept
-from pipeline.decode.sampler import GenerationRequest, Sampler, TextDeltas, _Decoder
+from pipeline.decode.sampler import GenerationRequest, Sampler, _Decoder
 from pipeline.errors import FluidError
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Café crème, naïve façade. "
@@ -83,9 +84,13 @@ def test_verify_equals_ar_with_untrained_mask(sampler):
     assert all(r.stats.forwards <= 24 for r in out)
 
 
-def _oracle(monkeypatch, refs, error_rate, seed=0):
-    """Make verify's drafts come from the AR reference with random errors (tests acceptance paths)."""
+def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
+    """Make verify's drafts come from the AR reference with random errors (tests acceptance paths).
+    `by_position`: whether a draft is wrong depends only on its position, not on the call order."""
     rng = random.Random(seed)
+
+    def wrong(pos):
+        return random.Random(seed * 100003 + pos).random() < error_rate if by_position else rng.random() < error_rate
 
     def propose(self, row, masks):
         start = len(row.generated) + row.n_drafts + 1
@@ -93,7 +98,7 @@ def _oracle(monkeypatch, refs, error_rate, seed=0):
         out = []
         for j in range(masks.shape[0]):
             t = ref[start + j] if start + j < len(ref) else 7
-            out.append((t + 1) % 250 + 3 if rng.random() < error_rate else t)
+            out.append((t + 1) % 250 + 3 if wrong(start + j) else t)
         return out
 
     monkeypatch.setattr(_Decoder, "_propose", propose)
@@ -156,6 +161,34 @@ def test_batched_equals_unbatched(sampler, tok, monkeypatch):
     for a, b in zip(single, batched, strict=True):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         assert a.stats.forwards == b.stats.forwards
+
+
+def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch):
+    """Continuous batching: rows join a running decoder between steps (their prompts prefilled apart,
+    then joined to the cache) and leave when done; every row gets exactly its unbatched output."""
+    sampler.compact_min = 2
+    ref = ar_tokens(sampler, PROMPTS, n=40)
+    _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.25,
+            by_position=True)
+    reqs = [req(PROMPTS[0], policy="verify", max_tokens=30), req(PROMPTS[1], policy="fixed", gamma=0.0, max_horizon=3),
+            req(PROMPTS[3], policy="entropy", gamma=9.0, max_tokens=15), req(PROMPTS[2], policy="ar", max_tokens=12),
+            req(PROMPTS[1], policy="verify", max_tokens=8), req(PROMPTS[2], policy="verify", max_tokens=40)]
+    single = [sampler.generate([r])[0] for r in reqs]
+    arrive = {0: [0], 2: [1, 2], 3: [3], 9: [4, 5]}  # step -> requests arriving before it
+    dec = sampler.decoder([])
+    rows, step, joined = {}, 0, []
+    while step <= max(arrive) or not dec.done:
+        for i in arrive.get(step, []):
+            [rows[i]] = dec.add([sampler.resolve(reqs[i])])
+        joined.append(len(dec.active))
+        dec.step()
+        _check_cache(dec, model)
+        step += 1
+    assert max(joined) >= 4  # rows really were decoded together
+    for i, want in enumerate(single):
+        got = sampler.result(rows[i])
+        assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text), i
+        assert got.stats.forwards == want.stats.forwards
 
 
 def _check_cache(dec, model):
@@ -232,11 +265,50 @@ def test_stream_deltas_concatenate(sampler, policy):
             assert all(c.finish_reason is None for c in chunks[:-1])
 
 
-def test_text_deltas_hold_back_partial_utf8_and_stops():
-    deltas = TextDeltas(lambda ids: bytes(ids).decode("utf-8", errors="replace"), ["END"])
-    got = [deltas.push(list(b"ab\xe6")), deltas.push(list(b"ab\xe6\x97")), deltas.push(list(b"ab\xe6\x97\xa5E")),
-           deltas.push(list(b"ab\xe6\x97\xa5EN")), deltas.push(list(b"ab\xe6\x97\xa5ENx"))]
-    assert got == ["ab", "", "日", "", "ENx"]
+def test_text_deltas_hold_back_partial_stops():
+    deltas = TextDeltas(["END", "zz"])
+    got = [deltas.push("ab"), deltas.push("cE"), deltas.push("N"), deltas.push("x z"), deltas.push("")]
+    assert got == ["ab", "c", "", "ENx ", ""] and deltas.pending == "z"
+    assert deltas.finish("abcENx zq") == "zq" and deltas.finish("other") == ""
+
+
+def test_incremental_text_utf8_stops_and_window_fallback(tok):
+    """DecodeStream (fast tokenizer) and the window fallback both rebuild the full decode, hold back a
+    broken UTF-8 character, and find a stop string that spans tokens."""
+    from pipeline.decode.detok import IncrementalText
+
+    ids = tok(TEXT[:300])["input_ids"]
+    full = tok.decode(ids, skip_special_tokens=True)
+
+    class Slow:  # no `_tokenizer`: exercises the window fallback
+        decode = staticmethod(tok.decode)
+
+    for t in (tok, Slow()):
+        inc = IncrementalText(t, ["Boxkämpfer"])
+        chunks = [inc.push(i) for i in ids]
+        assert "".join(chunks) == inc.text and full.startswith(inc.text)
+        assert all("\ufffd" not in c for c in chunks)
+        assert inc.stop_at == full.find("Boxkämpfer")
+        assert "" in chunks  # a token that ends inside a multi-byte character adds no text yet
+
+
+def test_streaming_a_long_output_is_linear(sampler, monkeypatch):
+    """Streaming with stop strings does O(1) decoding work per token: each committed id goes through the
+    incremental detokenizer once, and the full decode runs once, at the end (re-decoding the whole
+    output at every step, as before, fed n²/2 ids to the tokenizer)."""
+    from pipeline.decode.detok import IncrementalText
+
+    decoded, pushed = [], [0]
+    real_decode, real_push = sampler.decode, IncrementalText.push
+    monkeypatch.setattr(sampler, "decode", lambda ids: decoded.append(len(ids)) or real_decode(ids))
+    monkeypatch.setattr(IncrementalText, "push", lambda self, t: pushed.__setitem__(0, pushed[0] + 1)
+                        or real_push(self, t))
+    n = 200
+    chunks = list(sampler.stream(req(PROMPTS[0], policy="ar", max_tokens=n, stop=["zzqq", "never"])))
+    assert len(chunks) == n and chunks[-1].finish_reason == "length"
+    assert pushed[0] == n  # one detokenizer step per token
+    assert decoded == [n]  # one full decode (the final text)
+    assert "".join(c.text for c in chunks) == real_decode(chunks[-1].result.token_ids)
 
 
 def test_invalid_arguments(sampler, model, tok, mask_id):

@@ -144,22 +144,67 @@ def test_render_chat_and_prompt_checks(sampler):
         api.check_prompt([1, 38], param="prompt", context=None, mask_token_id=38)
 
 
-def test_auth(tmp_path, monkeypatch):
+def test_auth_holds_only_a_digest(tmp_path, monkeypatch):
     monkeypatch.delenv("FLUID_TEST_KEY", raising=False)
-    assert api.load_api_key("FLUID_TEST_KEY", None) is None
-    api.check_auth(None, None)  # auth off
-    monkeypatch.setenv("FLUID_TEST_KEY", "s3cret")
-    assert api.load_api_key("FLUID_TEST_KEY", None) == "s3cret"
+    monkeypatch.delenv(api.KEY_FILE_ENV, raising=False)
+    off = api.Auth.for_replica(None, None, "FLUID_TEST_KEY")
+    assert not off.on and off.fingerprint() is None
+    off.check(None)  # auth off
     f = tmp_path / "key"
     f.write_text("from-file\n")
-    assert api.load_api_key("FLUID_TEST_KEY", str(f)) == "from-file"
-    with pytest.raises(FluidError):
-        api.load_api_key(None, str(tmp_path / "missing"))
-    api.check_auth("Bearer s3cret", "s3cret")
-    for header in (None, "Bearer wrong", "s3cret", "Basic s3cret"):
+    by_file = api.Auth.for_replica(str(f), None, "FLUID_TEST_KEY")
+    by_env_file = (monkeypatch.setenv(api.KEY_FILE_ENV, str(f)), api.Auth.for_replica(None, None, None))[1]
+    monkeypatch.delenv(api.KEY_FILE_ENV)
+    by_digest = api.Auth.for_replica(None, api.key_digest("from-file"), None)
+    assert by_file.digest == by_env_file.digest == by_digest.digest == api.key_digest("from-file")
+    assert "from-file" not in by_file.digest and by_file.fingerprint() == by_digest.fingerprint()
+    by_file.check("Bearer from-file")
+    for header in (None, "Bearer wrong", "from-file", "Basic from-file", "Bearer "):
         with pytest.raises(api.ApiError) as ei:
-            api.check_auth(header, "s3cret")
+            by_file.check(header)
         assert ei.value.status == 401 and ei.value.code == "invalid_api_key"
+    with pytest.raises(FluidError, match="cannot read"):
+        api.Auth.for_replica(str(tmp_path / "missing"), None, None)
+    with pytest.raises(FluidError, match="sha256"):
+        api.Auth("0123")
+    # A raw key in a replica's environment would be visible and not enforced: the replica refuses.
+    monkeypatch.setenv("FLUID_TEST_KEY", "s3cret")
+    with pytest.raises(FluidError, match="FLUID_TEST_KEY holds a raw API key"):
+        api.Auth.for_replica(None, None, "FLUID_TEST_KEY")
+    assert api.Auth.for_replica(None, api.key_digest("s3cret"), "FLUID_TEST_KEY").on  # inherited, hashed
+
+
+def test_replica_config_never_carries_the_raw_key(export_dir, tmp_path, monkeypatch):
+    """What Ray shows (the deployment's args) holds a digest or a path, never the key; a key that the
+    replicas do not enforce stops `fluid serve`."""
+    from pipeline.serve.app import replica_config, verify_auth
+
+    monkeypatch.delenv(api.KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv("FLUID_TEST_KEY", "raw-key-42")
+    cfg = replica_config(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_KEY"))
+    assert cfg.api_key_sha256 == api.key_digest("raw-key-42") and "raw-key-42" not in json.dumps(cfg.__dict__)
+    f = tmp_path / "key"
+    f.write_text("k")
+    with pytest.raises(FluidError, match="both set"):
+        replica_config(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_KEY", api_key_file=str(f)))
+
+    class Handle:  # a deployment handle whose replicas report `got`
+        def __init__(self, got):
+            self.auth_fingerprint = self
+            self.got = got
+
+        def remote(self):
+            return self
+
+        def result(self, timeout_s):
+            return self.got
+
+    verify_auth(Handle(api.Auth(cfg.api_key_sha256).fingerprint()), cfg)
+    for got in (None, "another"):
+        with pytest.raises(FluidError, match="refusing to serve"):
+            verify_auth(Handle(got), cfg)
+    with pytest.raises(FluidError, match="refusing to serve"):
+        verify_auth(Handle("x"), ServeConfig(model=str(export_dir)))  # a key nobody configured
 
 
 # ---------------------------------------------------------------- engine
@@ -185,6 +230,36 @@ def test_engine_batches_and_equals_sequential(sampler):
     assert [t.batch_size for t in tickets] == [4] * 4
 
 
+def test_engine_admits_mid_flight(sampler):
+    """A request arriving while others decode joins their batch at the next step (no waiting for the
+    batch to drain) and gets exactly its unbatched tokens; so do the rows already running."""
+    reqs = [greedy(PROMPTS[0], max_tokens=60, policy="verify"), greedy(PROMPTS[1], max_tokens=60, policy="ar"),
+            greedy(PROMPTS[2], max_tokens=12, policy="verify"), greedy(PROMPTS[3], max_tokens=5, policy="ar")]
+    seq = [sampler.generate(r)[0].token_ids for r in reqs]
+
+    async def main():
+        eng = Engine(sampler, max_batch_size=4, batch_wait_timeout_s=0.0)
+        first = [eng.submit(r) for r in reqs[:2]]
+        chunks = first[0].chunks()
+        got = 0
+        while got < 10:  # the first two are well under way
+            got += len((await chunks.__anext__()).token_ids)
+        steps = eng.stats()["steps"]
+        late = [eng.submit(r) for r in reqs[2:]]
+        late_res = await asyncio.gather(*(t.result() for t in late))
+        assert eng.stats()["running"] == 2  # the long ones still run: the late ones did not wait for them
+        assert eng.stats()["steps"] - steps <= 12 + 2
+        rest = [ch async for ch in chunks]
+        res = [rest[-1].result, await first[1].result(), *late_res]
+        await eng.close()
+        return first + late, res
+
+    tickets, res = asyncio.run(main())
+    assert [r.token_ids for r in res] == seq
+    assert all(t.batch_size == 4 for t in tickets[2:])
+    assert all(t.queue_time_s < 5 for t in tickets)
+
+
 def test_engine_overload_cancel_and_kv_budget(sampler):
     async def main():
         eng = Engine(sampler, max_batch_size=2, max_queued_requests=1, batch_wait_timeout_s=0.0,
@@ -201,8 +276,9 @@ def test_engine_overload_cancel_and_kv_budget(sampler):
             t.cancel()
         assert eng.stats()["running"] == 0 and eng.stats()["waiting"] == 0
         await asyncio.sleep(0.2)
-        assert eng.stats()["batches"] == 0  # the cancelled rows left their batch
-        assert all(t.row is None or len(t.row.generated) < 2000 for t in long)
+        assert eng.decoder is None or eng.decoder.done  # the cancelled rows left the batch
+        assert [t.row is None for t in long] == [False, False, True]  # the third never started
+        assert all(len(t.row.generated) < 2000 and t.row.finish == "cancelled" for t in long[:2])
         res = await eng.submit(greedy("the cat", max_tokens=5)).result()  # slots are free again
         await eng.close()
         return res
@@ -251,16 +327,14 @@ def test_engine_failures(sampler):
 
 @pytest.fixture(scope="module")
 def client(export_dir):
-    from starlette.applications import Starlette
-    from starlette.routing import Route
     from starlette.testclient import TestClient
 
     from pipeline.serve.app import FluidServer
+    from pipeline.serve.http import make_app
 
     srv = FluidServer(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_UNSET_KEY",
-                                  max_request_bytes=2000, stream_interval_s=1.0))
-    app = Starlette(routes=[Route("/{p:path}", srv.__call__, methods=["GET", "POST", "PUT"])])
-    with TestClient(app) as c:
+                                  max_request_bytes=2000, stream_interval_s=1.0, default_max_tokens=7))
+    with TestClient(make_app(srv)) as c:
         yield c
 
 
@@ -278,8 +352,61 @@ def test_server_routes_without_auth(client):
     chunks = [json.loads(x[6:]) for x in lines[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
     assert len(chunks) == chunks[-1]["fluid"]["forwards"]  # one event per step, written together (interval)
-    assert client.get("/nowhere").status_code == 404 and client.put("/v1/completions").status_code == 405
-    assert client.post("/v1/completions", content=b"x" * 3000).status_code == 413
+    for r, status, code in ((client.get("/nowhere"), 404, "not_found"),
+                            (client.put("/v1/completions"), 405, "method_not_allowed"),
+                            (client.post("/v1/completions", content=b"x" * 3000), 413, "request_too_large")):
+        assert r.status_code == status and r.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (b"{not json", None, "invalid_json"),
+    (b"[1, 2]", None, "invalid_type"),
+    ({"prompt": 7}, "prompt", "invalid_type"),
+    ({}, "prompt", "missing_required_parameter"),
+    ({"prompt": "x", "max_tokens": "10"}, "max_tokens", "invalid_type"),  # strict: no string → int
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"prompt": "x", "stream": 1}, "stream", "invalid_type"),
+    ({"prompt": "x", "policy": "telepathy"}, "policy", "invalid_value"),
+    ({"prompt": "x", "n": 3}, "n", "unsupported_value"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
+    ({"messages": []}, "messages", "invalid_value"),
+])
+def test_http_validation_is_400_in_openai_shape(client, body, param, code):
+    """FastAPI's validation errors come back as OpenAI's error object with 400, never 422."""
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = client.post(path, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error") and err["message"]
+
+
+def test_openapi_docs_and_default_max_tokens(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    assert "CompletionRequest" in spec["components"]["schemas"]
+    chat = {"messages": [{"role": "user", "content": "the cat"}], "temperature": 0, "ignore_eos": True}
+    out = client.post("/v1/chat/completions", json=chat).json()
+    assert out["usage"]["completion_tokens"] == 7  # the server's default_max_tokens, not the 1024 limit
+    assert out["choices"][0]["finish_reason"] == "length"
+    r = client.post("/v1/chat/completions", json={**chat, "max_tokens": 1025})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_export_from_model_is_servable_and_says_drafts_are_untrained(tiny_model_dir, tmp_path, monkeypatch):
+    from jobs.export import main as export_main
+    from pipeline.serve.app import FluidServer, localize_model
+
+    monkeypatch.setenv("FLUID_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FluidError, match="fluid export --from-model"):
+        localize_model(str(tiny_model_dir))
+    assert export_main(["--from-model", str(tiny_model_dir), "--output", str(tmp_path / "exp")]) == 0
+    srv = FluidServer(ServeConfig(model=str(tmp_path / "exp"), api_key_env="FLUID_TEST_UNSET_KEY"))
+    card = srv.models()["data"][0]
+    assert "untrained" in card["fluid"]["note"] and card["fluid"]["policy_defaults"]["policy"] == "verify"
 
 
 def test_localize_model_from_fsspec(export_dir):

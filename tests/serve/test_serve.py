@@ -1,5 +1,6 @@
 """The Ray Serve app over real HTTP on 127.0.0.1: OpenAI routes, streaming, batching, bad input, auth,
-429 past the queue bound, disconnects freeing their slots, and the official `openai` client.
+429 past the queue bound, disconnects freeing their slots, the official `openai` client, and Serve
+autoscaling from 1 to 2 replicas and back.
 
 One app per module (auth on; a second, auth-off app shares the Serve instance), tiny random model."""
 
@@ -20,13 +21,17 @@ KEY = "test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
+def export(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("serve-http") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, export, tmp_path_factory):
     from ray import serve
 
     from pipeline.serve.app import build_app
 
-    tmp = tmp_path_factory.mktemp("serve-http")
-    export = export_tiny(tmp / "tiny")
+    tmp = tmp_path_factory.mktemp("serve-key")
     key_file = tmp / "api-key"
     key_file.write_text(KEY + "\n")
     common = dict(model=str(export), max_batch_size=4, max_queued_requests=4, batch_wait_timeout_s=0.05,
@@ -67,7 +72,7 @@ def test_health_models_and_auth(server):
     assert r.status_code == 200, r.text  # the auth-off app needs no key
 
 
-def test_completion_and_chat(server):
+def test_completion_and_chat(server, export):
     r = post(server, "/v1/completions", greedy("the quick brown", policy="verify", max_horizon=4))
     assert r.status_code == 200, r.text
     out = r.json()
@@ -81,8 +86,20 @@ def test_completion_and_chat(server):
             "max_tokens": 8, "temperature": 0}
     r = post(server, "/v1/chat/completions", chat)
     assert r.status_code == 200, r.text
-    msg = r.json()["choices"][0]["message"]
-    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    out = r.json()
+    msg = out["choices"][0]["message"]
+    # the same chat through the sampler in this process: the template, the policy defaults, the text
+    from pipeline.decode.policies import GenerationRequest
+    from pipeline.decode.sampler import Sampler
+    from pipeline.serve.openai_api import render_chat
+
+    sampler = Sampler.from_export(export)
+    ids = render_chat(sampler.tokenizer, chat["messages"])
+    [want] = sampler.generate(GenerationRequest(prompt_ids=ids, max_tokens=8, temperature=0.0))
+    assert msg == {"role": "assistant", "content": want.text}
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(want.token_ids),
+                            "total_tokens": len(ids) + len(want.token_ids)}
+    assert out["fluid"]["policy"] == "verify"  # the export's default
 
 
 @pytest.mark.parametrize("path,body", [
@@ -188,10 +205,10 @@ def test_overload_429_then_disconnects_free_the_slots(server):
     deadline = time.time() + 20
     while time.time() < deadline:
         h = server.get("/fluid/healthz").json()
-        if (h["running"], h["waiting"], h["batches"]) == (0, 0, 0):
+        if (h["running"], h["waiting"], h["kv_tokens_held"]) == (0, 0, 0):
             break
         time.sleep(0.1)
-    assert (h["running"], h["waiting"], h["batches"]) == (0, 0, 0), h
+    assert (h["running"], h["waiting"], h["kv_tokens_held"]) == (0, 0, 0), h
     assert h["served"] == served  # the cancelled requests never completed
     assert post(server, "/v1/completions", greedy("the cat")).status_code == 200
 
@@ -216,3 +233,42 @@ def test_official_openai_client(server):
             client.completions.create(model="other", prompt="x", max_tokens=2)
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="x", max_tokens=2, n=2)
+
+
+def test_autoscaling_reaches_two_replicas_and_back(server, export):
+    """target_ongoing_requests = 1 and 4 long requests: Serve adds the second replica; once they end it
+    goes back to one (delays shortened from Serve's defaults of 30 s up / 600 s down)."""
+    from ray import serve
+
+    from pipeline.serve.app import build_app, replica_config
+
+    cfg = ServeConfig(model=str(export), autoscaling=True, min_replicas=1, max_replicas=2,
+                      target_ongoing_requests=1, upscale_delay_s=0.5, downscale_delay_s=2.0,
+                      look_back_period_s=1.0, max_batch_size=4, max_tokens_limit=4000,
+                      api_key_env="FLUID_TEST_UNSET_KEY")
+    serve.run(build_app(replica_config(cfg)), name="fluid-scale", route_prefix="/scale")
+
+    def running():
+        return serve.status().applications["fluid-scale"].deployments["FluidServer"].replica_states.get("RUNNING", 0)
+
+    def wait_for(n, seconds=90):
+        deadline = time.time() + seconds
+        while time.time() < deadline and running() != n:
+            time.sleep(0.25)
+        return running()
+
+    long = greedy("the cat", max_tokens=3900, ignore_eos=True, policy="ar", stream=True)
+    streams = []
+    try:
+        assert running() == 1
+        for _ in range(4):
+            streams.append(server.send(server.build_request("POST", "/scale/v1/completions", json=long), stream=True))
+        assert all(s.status_code == 200 for s in streams)
+        assert wait_for(2) == 2
+    finally:
+        for s in streams:
+            s.close()
+    try:
+        assert wait_for(1) == 1
+    finally:
+        serve.delete("fluid-scale")
