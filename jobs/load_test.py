@@ -143,14 +143,14 @@ def start_local_server(cfg, clients: int) -> str:
     import ray
     from ray import serve
 
-    from pipeline.serve.app import build_app
+    from pipeline.serve.app import build_app, replica_config
 
     sc = cfg.serve
     sc.host = "127.0.0.1"
     if sc.max_batch_size < clients:
         print(f"note: serve.max_batch_size {sc.max_batch_size} → {clients} (one row per client)", file=sys.stderr)
         sc.max_batch_size = clients
-    app = build_app(sc)
+    app = build_app(replica_config(sc))  # a key in $FLUID_API_KEY reaches the replicas as its digest
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     serve.start(http_options={"host": sc.host, "port": sc.port})
