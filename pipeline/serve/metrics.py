@@ -41,9 +41,7 @@ class RayMetrics(Metrics):
         for metric in (self.tokens, self.forwards, self.finished_n, self.rejected_n, self.tpf, self.accepted,
                        self.rows, self.waiting, self.running, self.kv):
             metric.set_default_tags(self.tags)
-        self.tokens.inc(0)  # series exist from the start (a scrape shows zeros, not nothing)
-        self.rejected_n.inc(0)
-        self.queue(0, 0)
+        self.queue(0, 0)  # gauges exist from the start (Ray's counters refuse inc(0): they appear on first use)
         self.kv.set(0)
 
     def step(self, committed: list[int], rows: int, kv_entries: int) -> None:

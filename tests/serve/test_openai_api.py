@@ -422,3 +422,16 @@ def test_localize_model_from_fsspec(export_dir):
     assert (local / "fluid.json").is_file() and not (local / "evil.bin").exists()
     with pytest.raises(FluidError, match="fluid.json"):
         localize_model(str(export_dir.parent))
+
+
+def test_ray_metrics_accept_every_engine_report():
+    """The replica's Ray metrics take every report the engine makes (Ray refuses e.g. Counter.inc(0))."""
+    from pipeline.decode.sampler import GenerationResult, GenerationStats
+    from pipeline.serve.metrics import RayMetrics
+
+    m = RayMetrics("tiny")
+    m.step([1, 2, 3], 3, 100)
+    m.step([], 0, 0)
+    m.rejected()
+    m.queue(1, 2)
+    m.finished(GenerationResult([1, 2, 3], "x", "length", 1, GenerationStats("verify", forwards=2, tokens=3)))
