@@ -242,7 +242,7 @@ class Engine:
         items = []
         for row, toks in events:
             t = by_row.get(id(row))
-            if t is None:
+            if t is None or row.finish == "cancelled":  # cancelled from the loop thread during this step
                 continue
             t.batch_size = max(t.batch_size, len(events))
             if row.finish is None:
