@@ -35,6 +35,9 @@ def validate(cfg: FluidConfig) -> None:
     if t.global_batch_size % (t.grad_accum * t.workers):
         raise FluidError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.grad_accum × "
                          f"train.workers ({t.grad_accum} × {t.workers})")
+    if min(t.eval_decode_prompts, t.eval_decode_tokens) < 0 or t.eval_decode_prompt_len < 1:
+        raise FluidError("train.eval_decode_prompts and train.eval_decode_tokens must be ≥ 0, "
+                         "train.eval_decode_prompt_len ≥ 1")
     if t.lr <= 0 or t.grad_clip <= 0:
         raise FluidError("train.lr and train.grad_clip must be > 0")
     if not 0 <= cfg.noise.rho <= 1:

@@ -62,16 +62,18 @@ def build_tiny(hidden: int = 64, layers: int = 2, seed: int = 0):
 
 
 def load_sampler(args) -> Sampler:
+    cost = [float(x) for x in args.forward_cost.split(",")] if args.forward_cost else None
     if args.model_dir is None:
         model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
-        return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device)
+        return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device, forward_cost=cost)
     from pipeline.decode.load import load_sampler as load
 
     if not Path(args.model_dir).is_dir():
         raise FluidError(f"--model-dir {args.model_dir} is not a folder")
     if args.mask_token_id is None and not (Path(args.model_dir) / "fluid.json").is_file():
         raise FluidError(f"{args.model_dir} has no fluid.json: give --mask-token-id")
-    return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device)
+    return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device,
+                forward_cost=cost)
 
 
 def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     p.add_argument("--tiny-hidden", type=int, default=64)
     p.add_argument("--tiny-layers", type=int, default=2)
+    p.add_argument("--forward-cost", help="relative forward cost of widths 1,2,3,… for verify's horizon "
+                   "(default: measured on this device at load)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--corpus-prompts", type=int, default=0,
                    help="use N held-out prompts cut from the default corpus (split --corpus-split)")
@@ -196,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     sampler = load_sampler(args)
+    _ = sampler.forward_cost  # measured before any timing
     prompts = DEFAULT_PROMPTS
     if args.corpus_prompts:
         prompts = corpus_prompts(args.corpus_prompts, args.corpus_split)
@@ -270,6 +275,7 @@ def _run(args) -> int:
           f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
           f"torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
+    print(f"verify plans with forward cost by width {sampler.forward_cost}")
     head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
             f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}{'=base':>7}")
     print(head)

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     s = cfg.sampler
     from pipeline.decode.load import load_sampler
 
-    sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max)
+    sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max,
+                           forward_cost=s.forward_cost)
     prompts = args.prompt
     if args.chat:
         if not getattr(sampler.tokenizer, "chat_template", None):

@@ -114,6 +114,12 @@ class TrainConfig:
     """Hugging Face export at the end; default <storage_path>/<run_name>/export (local storage only)."""
     eval_batches: int = 8
     """Validation micro-batches for the held-out AR/draft CE before and after training."""
+    eval_decode_prompts: int = 4
+    """Held-out prompts decoded with `verify` at each evaluation (tokens per forward, split over workers); 0 = off."""
+    eval_decode_tokens: int = 32
+    """Tokens generated per evaluation prompt."""
+    eval_decode_prompt_len: int = 32
+    """Clean tokens of a validation row used as the evaluation prompt."""
     cpus_per_worker: int = 2
     verbose: bool = False
     """Show Ray Train's own per-step logs (every reported metrics dict, on every rank); off: one
@@ -150,6 +156,9 @@ class SamplerConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 64
+    forward_cost: list[float] = field(default_factory=list)
+    """Relative forward cost by width 1, 2, 3, … that greedy `verify` plans its horizon with;
+    empty = measure it on the device at load (a few seconds on CPU)."""
 
 
 @dataclass
@@ -157,7 +166,7 @@ class HorizonConfig:
     """Stage II: the horizon head (K-head) fitted on a frozen adapted model (jobs/fit_horizon.py)."""
 
     tau: float = 2.8
-    """Oracle threshold (nats): K* = the longest draft whose mean CE over k = 2…K stays ≤ tau."""
+    """Oracle threshold (nats): K* = the longest draft whose running mean CE over k = 2…K′ stays ≤ tau for every K′ ≤ K."""
     sigma: float = 1.0
     """Width of the Gaussian soft target around K*."""
     examples: int = 256

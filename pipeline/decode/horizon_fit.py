@@ -5,7 +5,9 @@ In:  a frozen model, two-stream batches whose draft spans all have the full leng
 Out: (hidden state, K*) pairs, and a trained `HorizonHead`.
 
 Oracle:   for a cursor c with draft cross-entropies ce_k (k = 2…K_max, targets x_{c+k}),
-          K*(c) = max{K : mean(ce_2 … ce_K) ≤ τ}, and K* = 1 when ce_2 > τ.
+          K*(c) = max{K : mean(ce_2 … ce_K′) ≤ τ for every K′ = 2…K}, and K* = 1 when ce_2 > τ.
+          Drafts are committed left to right, so the horizon ends at the first K′ whose running
+          mean exceeds τ, even if a later mean would fall back under it.
 Target:   Q(k) ∝ exp(−(k − K*)² / 2σ²) on k ∈ {1…K_max} (a discretised Gaussian).
 Loss:     KL(Q ‖ P) = Σ_k Q(k) (log Q(k) − log P(k)), P = softmax(head(h)).
 Feature:  the sampler decides the horizon before its forward, from the final hidden state the
@@ -23,15 +25,14 @@ from pipeline.decode.horizon_head import HorizonHead
 
 
 def oracle_horizon(ce_by_k: torch.Tensor, tau: float) -> torch.Tensor:
-    """K* per row from ce_by_k [N, K_max − 1] (column j holds k = j + 2): max K with mean CE ≤ τ, else 1."""
+    """K* per row from ce_by_k [N, K_max − 1] (column j holds k = j + 2): the largest K such that the
+    running mean CE over k = 2…K′ stays ≤ τ for every K′ ≤ K; 1 when already ce_2 > τ."""
     n, width = ce_by_k.shape
     if width == 0:
         return torch.ones(n, dtype=torch.long, device=ce_by_k.device)
     running_mean = ce_by_k.cumsum(dim=1) / torch.arange(1, width + 1, device=ce_by_k.device)
-    ok = running_mean <= tau  # ok[:, j] ⇔ K = j + 2 qualifies
-    k_values = torch.arange(2, width + 2, device=ce_by_k.device).expand(n, width)
-    best = torch.where(ok, k_values, torch.ones_like(k_values)).max(dim=1).values
-    return best
+    ok = running_mean <= tau  # ok[:, j] ⇔ the running mean up to k = j + 2 is within τ
+    return 1 + ok.long().cumprod(dim=1).sum(dim=1)  # leading run of qualifying K′, plus k = 1
 
 
 def soft_target(k_star: torch.Tensor, k_max: int, sigma: float = 1.0) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 In:  an export folder (HF model + tokenizer + `fluid.json`, optional `horizon_head.safetensors`), a
      local Hugging Face folder plus an explicit mask id, or any model spec (`pipeline.sources`).
-Out: a ready `Sampler` on the requested device and dtype.
+Out: a ready `Sampler` on the requested device and dtype, its forward cost by width (which greedy
+     `verify` plans its horizon with) given or measured here on the device (`cost_model.calibrate`).
 
 The export is the normal case (`fluid generate`, `fluid bench sampler`, the Serve replica). A plain
 model gets a mask row initialised from the mean embedding: its drafts are untrained, so `verify`
@@ -25,10 +26,20 @@ def is_export(path: str | Path) -> bool:
 
 
 def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                 mask_token_id: int | None = None, k_max: int = 16, cache_dir=None) -> Sampler:
-    """The Sampler of an export folder, or of a plain model (`mask_token_id` given, or a resolvable spec)."""
+                 mask_token_id: int | None = None, k_max: int = 16, cache_dir=None,
+                 forward_cost: list[float] | None = None) -> Sampler:
+    """The Sampler of an export folder, or of a plain model (`mask_token_id` given, or a resolvable spec).
+    `forward_cost`: relative cost of a forward by width 1, 2, … (None or empty: measure it now)."""
+    sampler = _load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                    mask_token_id=mask_token_id, k_max=k_max, cache_dir=cache_dir, forward_cost=forward_cost or None)
+    _ = sampler.forward_cost  # calibrate at load, not in the first request
+    return sampler
+
+
+def _load(spec, *, device, dtype, trust_remote_code, mask_token_id, k_max, cache_dir, forward_cost) -> Sampler:
     if is_export(spec) and mask_token_id is None:
-        return _from_export(Path(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return _from_export(Path(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            forward_cost=forward_cost)
     from transformers import AutoTokenizer
 
     from pipeline.model.causal_lm import add_mask_token, load_causal_lm
@@ -46,10 +57,11 @@ def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = N
                            use_safetensors=True)
     add_mask_token(model, mask_token_id)  # idempotent; a new row is untrained (mean embedding)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return Sampler(model, tokenizer, mask_token_id=mask_token_id, k_max=k_max, device=device)
+    return Sampler(model, tokenizer, mask_token_id=mask_token_id, k_max=k_max, device=device,
+                   forward_cost=forward_cost)
 
 
-def _from_export(path: Path, *, device, dtype, trust_remote_code: bool) -> Sampler:
+def _from_export(path: Path, *, device, dtype, trust_remote_code: bool, forward_cost) -> Sampler:
     from pipeline.train.export import load_export
 
     model, tokenizer, meta = load_export(path, dtype=dtype or torch.float32,  # validates fluid.json
@@ -59,4 +71,5 @@ def _from_export(path: Path, *, device, dtype, trust_remote_code: bool) -> Sampl
     head_path = path / "horizon_head.safetensors"
     head = HorizonHead.load(head_path) if head_path.is_file() else None
     return Sampler(model, tokenizer, mask_token_id=int(meta["mask_token_id"]), k_max=int(meta["k_max"]),
-                   horizon_head=head, device=device, policy_defaults=meta.get("policy_defaults"))
+                   horizon_head=head, device=device, policy_defaults=meta.get("policy_defaults"),
+                   forward_cost=forward_cost)

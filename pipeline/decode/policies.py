@@ -9,8 +9,11 @@ Policies (`gamma` is the one knob):
 * `entropy`   K from `ElasticHorizon`; commit while the cumulative entropy (nats) of the committed
               run, the first token included, stays ≤ gamma.
 * `khead`     K from the learned horizon head; commit while p(chosen) ≥ gamma.
-* `verify`    K from `ElasticHorizon`; drafts are committed only once the model's own AR prediction
-              confirms them (lossless). With temperature > 0 it uses speculative-sampling acceptance.
+* `verify`    drafts are committed only once the model's own AR prediction confirms them (lossless).
+              Greedy: K from `cost_model.CostAwareHorizon` (forward cost by width × acceptance by
+              draft position; timing may drive it since the output is the AR output anyway). With
+              temperature > 0: speculative-sampling acceptance and K from `ElasticHorizon`, so that a
+              seed reproduces on any machine.
 The first token of a step is the exact AR prediction and is always committed. Confidence and entropy
 are read from the model's distribution at temperature 1 (after [M]/pad are excluded), whatever the
 sampling temperature. gamma > 1 (probability gates) or gamma < 0 (entropy) admits only the first token.
@@ -119,7 +122,7 @@ def resolve(req: GenerationRequest, *, k_max: int, defaults: dict, encode, conte
 
 
 class ElasticHorizon:
-    """Horizon controller of `entropy` and `verify`.
+    """Timing-independent horizon controller of `entropy`, `khead` (as a guard) and sampled `verify`.
 
     * whole draft accepted (K > 1): K doubles (up to the cap) and the probe back-off resets;
     * otherwise K shrinks halfway towards the accepted length a: K ← ⌊(K + a) / 2⌋, so repeated

@@ -30,6 +30,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.decode import kvcache
+from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost, calibrate
 from pipeline.decode.detok import IncrementalText, TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.policies import (
@@ -83,7 +84,7 @@ class StreamChunk:
 class _Row:
     """Decoding state of one request."""
 
-    def __init__(self, r: Resolved, tokenizer):
+    def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None):
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
@@ -96,6 +97,10 @@ class _Row:
         self.new_text = ""  # text added by the last step
         # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
         self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
+        if r.policy == "verify" and r.temperature == 0 and costs is not None:
+            # greedy verify is lossless: its horizon may follow the machine's timing (cost_model.py);
+            # sampling keeps the timing-independent controller, so a seed reproduces on any machine
+            self.horizon = CostAwareHorizon(r.max_horizon, costs)
         self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
         self.observe_from = 0  # index in `generated` of observe[0]
         self.prev_hidden: torch.Tensor | None = None
@@ -125,7 +130,9 @@ class _Decoder:
 
     def add(self, resolved: list[Resolved]) -> list[_Row]:
         """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
-        rows = [_Row(r, self.s.tokenizer) for r in resolved]
+        greedy_verify = any(r.policy == "verify" and r.temperature == 0 for r in resolved)
+        costs = self.s.forward_cost if greedy_verify else None
+        rows = [_Row(r, self.s.tokenizer, costs) for r in resolved]
         self.active.extend(rows)
         return rows
 
@@ -133,10 +140,13 @@ class _Decoder:
         """Cache entries held (rows × cache length, holes included): the decoder's KV use."""
         return int(self.valid.numel())
 
-    def _horizon(self, row: _Row) -> int:
+    def _horizon(self, row: _Row, floor: int = 1) -> int:
+        """K of the row's next step; `floor`: the width the batch has without this row."""
         r = row.r
         if r.policy == "ar":
             k = 1
+        elif isinstance(row.horizon, CostAwareHorizon):
+            k = 1 if row.observe else row.horizon.choose(len(row.feed), floor)
         elif r.policy in ELASTIC:
             k = row.horizon.k
             if r.policy == "verify" and (row.observe or (row.n_drafts and row.horizon.probing)):
@@ -180,6 +190,11 @@ class _Decoder:
         """One forward of `rows` against `cache`, whose entries `self.valid` describes."""
         s = self.s
         ks = [self._horizon(row) for row in rows]
+        if len(rows) > 1:  # price cost-aware horizons at the width the other rows give the batch
+            widths = [len(row.feed) + k - 1 for row, k in zip(rows, ks, strict=True)]
+            top = sorted(widths)[-2:]
+            ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
+                  else k for row, k, w in zip(rows, ks, widths, strict=True)]
         blocks = [row.feed + [s.mask_token_id] * (k - 1) for row, k in zip(rows, ks, strict=True)]
         lens = torch.tensor([len(b) for b in blocks])
         b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(cache)
@@ -361,7 +376,8 @@ class Sampler:
     """Elastic-horizon decoding of a causal LM whose vocabulary includes the mask token."""
 
     def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = 16,
-                 horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None):
+                 horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None,
+                 forward_cost: ForwardCost | list[float] | None = None):
         if not isinstance(k_max, int) or k_max < 1:
             raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
         # input vocabulary: a frozen-base drafter reads [M] from a vector of its own, outside the base
@@ -398,6 +414,17 @@ class Sampler:
                                  f"the model has {hidden}")
             horizon_head = horizon_head.to(self.device).eval()
         self.horizon_head = horizon_head
+        if forward_cost is not None and not isinstance(forward_cost, ForwardCost):
+            forward_cost = ForwardCost(forward_cost)
+        self._forward_cost = forward_cost
+
+    @property
+    def forward_cost(self) -> ForwardCost:
+        """Relative forward cost by width that greedy `verify` plans with: given at construction, or
+        measured on this device the first time it is needed (`cost_model.calibrate`)."""
+        if self._forward_cost is None:
+            self._forward_cost = calibrate(self.model, token_id=self.mask_token_id)
+        return self._forward_cost
 
     @classmethod
     def from_export(cls, path, *, device=None, dtype=None, trust_remote_code: bool = False) -> Sampler:

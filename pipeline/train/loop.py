@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import FluidConfig, from_dict
+from pipeline.train.decode_eval import held_out_verify
 from pipeline.train.metrics import MetricsLog, quiet_ray_train, say, scalars
 from pipeline.train.optim import plan_total_steps
 from pipeline.train.step import agree, evaluate, local_batches, train_step, world
@@ -78,7 +79,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def held_out() -> dict:
         it = local_batches(val_ds, micro_global=micro_global, rank=rank, world=world_size, skip=0,
                            device=device, mode=cfg.noise.mode)
-        return evaluate(model, it, cfg, device, max_batches=eval_batches)
+        return {**evaluate(model, it, cfg, device, max_batches=eval_batches),
+                **held_out_verify(model, val_ds, cfg, loop_config, rank=rank, world_size=world_size)}
 
     if val_ds is not None and start_step == 0:
         log.eval(0, held_out())

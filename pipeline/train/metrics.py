@@ -83,7 +83,7 @@ def drop_replayed(path: Path, resume_step: int) -> int:
 def progress_line(record: dict) -> str | None:
     """The console line of a record: every evaluation, step 1 and every 10th step."""
     if "event" in record:
-        keys = ("val_ar_ce", "val_masked_ce", "val_draft_ce", "val_ce_k2", "val_ce_k4", "val_ce_k8")
+        keys = ("val_ar_ce", "val_masked_ce", "val_draft_ce", "val_ce_k2", "val_ce_k4", "val_ce_k8", "val_verify_tpf")
         return f"[fluid] eval at step {record['step']}: " + "  ".join(
             f"{k[4:]} {record[k]:.3f}" for k in keys if k in record)
     if record.get("step", 0) == 1 or record.get("step", 0) % 10 == 0:

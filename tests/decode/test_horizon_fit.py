@@ -9,14 +9,16 @@ from pipeline.decode.horizon_fit import fit_head, fold_normalisation, kl_loss, o
 from pipeline.decode.horizon_head import HorizonHead
 
 
-def test_oracle_horizon_is_the_longest_span_under_tau():
+def test_oracle_horizon_stops_where_decoding_stops():
     ce = torch.tensor([
         [1.0, 2.0, 3.0, 9.0],   # running means 1, 1.5, 2, 3.75 → K = 4 (k = 2..4) with tau 2.8
-        [3.0, 0.0, 0.0, 0.0],   # ce_2 > tau but the mean recovers: 3, 1.5, 1, .75 → K = 5
+        [3.0, 0.0, 0.0, 0.0],   # ce_2 > tau: the horizon ends there although later means recover → K = 1
         [5.0, 5.0, 5.0, 5.0],   # never → K = 1 (plain AR)
         [2.8, 2.8, 2.8, 2.8],   # equal to tau counts → K = 5
+        [1.0, 5.0, 0.0, 0.0],   # running means 1, 3, 2, 1.5: over tau at K′ = 3 → K = 2
+        [0.0, 0.0, 0.0, 20.0],  # the last step breaks it → K = 4
     ])
-    assert oracle_horizon(ce, 2.8).tolist() == [4, 5, 1, 5]
+    assert oracle_horizon(ce, 2.8).tolist() == [4, 1, 1, 5, 2, 4]
     assert oracle_horizon(torch.zeros(3, 0), 2.8).tolist() == [1, 1, 1]
 
 

@@ -18,6 +18,7 @@ from pipeline.errors import FluidError
 TEXT = ("The quick brown fox jumps over the lazy dog. Café crème, naïve façade. "
         "日本語のテキストです。 Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich. ") * 20
 PROMPTS = ["The quick brown", "Café", "日本語の", "Zwölf Boxkämpfer jagen Viktor quer über den"]
+CPU_COST = {1: 1.0, 2: 1.6, 4: 1.45, 8: 1.6, 16: 1.93, 32: 2.5}  # pinned: verify's horizons do not follow timing
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def mask_id(tok):
 def sampler(model, tok, mask_id):
     torch.manual_seed(1)
     head = HorizonHead(model.config.hidden_size, 8)
-    return Sampler(model, tok, mask_token_id=mask_id, k_max=8, horizon_head=head)
+    return Sampler(model, tok, mask_token_id=mask_id, k_max=8, horizon_head=head, forward_cost=CPU_COST)
 
 
 def req(prompt, **kw):
@@ -114,6 +115,19 @@ def test_verify_accepts_correct_drafts_and_stays_lossless(sampler, tok, monkeypa
     assert min(tpf) > 3.0 if error_rate == 0 else sum(tpf) / len(tpf) > 1.5, tpf
     for r in out:
         assert sum(k * v for k, v in r.stats.accepted_hist.items()) == r.stats.tokens
+
+
+def test_verify_horizon_opens_with_flat_forward_cost_and_waits_on_cpu(model, tok, mask_id, monkeypatch):
+    """Drafts right half the time pay where widths are free, not at CPU costs; the output is AR's either way."""
+    out = {}
+    for name, cost in (("flat", [1.0]), ("cpu", CPU_COST)):
+        s = Sampler(model, tok, mask_token_id=mask_id, k_max=8, forward_cost=cost)
+        ref = ar_tokens(s, PROMPTS, n=60)
+        _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.5)
+        res = s.generate([req(p, policy="verify", max_tokens=60) for p in PROMPTS])
+        assert [r.token_ids for r in res] == ref, name
+        out[name] = sum(r.stats.tokens for r in res) / sum(r.stats.forwards for r in res)
+    assert out["flat"] > 1.3 and out["cpu"] < 1.1, out
 
 
 @pytest.mark.parametrize("policy,gamma", [("fixed", 1.5), ("threshold", 1.01), ("khead", 2.0), ("entropy", -1e-6)])

@@ -1,7 +1,8 @@
 """pipeline.model.parallelize: 2-process FSDP2 (gloo, CPU, fp32) against a single-process reference.
 
 One spawn of two ranks serves several tests (module fixture): gradients with and without activation
-checkpointing, the bf16-on-gloo refusal, an FSDP2 export, and a 30-step overfit run.
+checkpointing, the bf16-on-gloo refusal, an FSDP2 export, a 30-step overfit run, and the training
+loop's `verify` evaluation on the sharded model (ranks decode different work in lockstep).
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from tests.model.test_model import MASK_ID, make_batch, rand_tokens, tiny_llama
 WORLD = 2
 STEPS = 30
 LR = 1e-2
+DECODE_PROMPTS = [rand_tokens(6, 30), rand_tokens(9, 31), rand_tokens(5, 32)]
+DECODE_TOKENS = (10, 4)
+
+
+class _Tok:
+    """What the sampler needs of a tokenizer: no EOS, ids as text."""
+
+    eos_token_id = pad_token_id = None
+
+    def decode(self, ids, **_):
+        return " ".join(map(str, ids))
 
 
 def global_batch():
@@ -94,6 +106,19 @@ def _worker(rank, port, out_dir):
             dist.all_reduce(c)
             losses.append(metrics_from_sums(s, c)["loss"])
         res["losses"] = losses
+
+        from pipeline.train.decode_eval import verify_metrics
+
+        res["weights"] = {n: t.full_tensor().clone() for n, t in model.state_dict().items()}
+        mine = DECODE_PROMPTS[rank::WORLD]  # rank 0: two prompts of 10 tokens, rank 1: one of 4
+        res["decode"] = verify_metrics(model, _Tok(), mine, mask_token_id=MASK_ID, k_max=4,
+                                       max_tokens=DECODE_TOKENS[rank])
+        opt.zero_grad(set_to_none=True)  # training goes on after the evaluation
+        loss, _ = stage1_loss(forward_batch(model, local), local["labels"], local["k"], global_count_by_k=counts,
+                              world_size=WORLD)
+        loss.backward()
+        opt.step()
+        res["loss_after_decode"] = float(loss)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -160,6 +185,24 @@ def test_fsdp2_overfit_one_batch(fsdp_run):
     losses = results[0]["losses"]
     assert results[1]["losses"] == losses  # global metrics agree on both ranks
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_verify_eval_on_fsdp_matches_one_process(fsdp_run):
+    """Every rank joins every sharded forward; the totals equal one process decoding the same work."""
+    from pipeline.train.decode_eval import verify_metrics
+
+    _, results = fsdp_run
+    assert results[0]["decode"] == results[1]["decode"]  # all-reduced: the same figure on every rank
+    model = model_fn()
+    model.load_state_dict(results[0]["weights"])
+    ref = [verify_metrics(model, _Tok(), DECODE_PROMPTS[r::WORLD], mask_token_id=MASK_ID, k_max=4,
+                          max_tokens=DECODE_TOKENS[r]) for r in range(WORLD)]
+    got = results[0]["decode"]
+    assert got["verify_tokens"] == sum(r["verify_tokens"] for r in ref) == 2 * 10 + 4
+    assert got["verify_forwards"] == sum(r["verify_forwards"] for r in ref)
+    assert got["verify_tpf"] == got["verify_tokens"] / got["verify_forwards"] >= 1.0
+    assert model.training  # the evaluation hands the model back in training mode
+    assert all(torch.isfinite(torch.tensor(r["loss_after_decode"])) for r in results)
 
 
 def test_single_process_overfit_one_batch():

@@ -73,6 +73,8 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     evals = [m for m in base_metrics if m.get("event") == "eval"]
     assert [e["step"] for e in evals] == [0, 4]
     assert evals[1]["val_loss"] < evals[0]["val_loss"]  # it learned (lr 1e-2 on a tiny model)
+    # each evaluation decodes held-out prompts with verify (defaults: 4 prompts x 32 tokens)
+    assert all(e["val_verify_tokens"] == 4 * 32 and e["val_verify_tpf"] >= 1.0 for e in evals), evals
     assert all(0 <= m["data_wait_share"] <= 1 and m["tokens_per_s"] > 0 for m in base_metrics if "event" not in m)
 
     resumed, res_metrics, _ = _run(tmp_path, "interrupted", tiny_resolved, corpus, "--train.fail_at_step=2",
@@ -83,9 +85,12 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     for key, value in base.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
 
-    two, _, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2")
+    two, two_metrics, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2",
+                               "--train.eval_decode_prompts=3")
     for key, value in base.items():  # same global batches, only the reduction order differs
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    two_evals = [m for m in two_metrics if m.get("event") == "eval"]
+    assert [e["val_verify_tokens"] for e in two_evals] == [3 * 32, 3 * 32]  # 2 + 1 prompts over two ranks
 
 
 def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path, tiny_resolved):
@@ -99,6 +104,7 @@ def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path,
     assert not any("ar_ce" in m or "draft_ce" in m for m in metrics)  # a masked-token CE is no AR CE
     evals = [m for m in metrics if m.get("event") == "eval"]
     assert len(evals) == 2 and all(e["val_masked_ce"] > 0 for e in evals)
+    assert not any("val_verify_tpf" in e for e in evals)  # no causal drafts to verify in the baseline
     from tests.conftest import make_tiny_llama
 
     pretrained = make_tiny_llama(tiny_resolved.mask_token_id).state_dict()["model.layers.0.mlp.up_proj.weight"]
