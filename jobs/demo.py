@@ -215,7 +215,8 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
     """POST /v1/completions with stream=true; print the text as it arrives."""
     import httpx
 
-    body = {"model": "", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    model_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]  # the served export's name
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
     t0, first, text, events = time.perf_counter(), None, "", 0
     print(f"  {prompt}", end="", flush=True)
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as resp:

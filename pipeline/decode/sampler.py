@@ -372,6 +372,15 @@ class _Decoder:
         self.active = [self.active[i] for i in alive]
 
 
+def _input_rows(emb) -> int:
+    """Rows of an input embedding, also when peft wraps it (TrainableTokensWrapper has no num_embeddings)."""
+    for layer in (emb, getattr(emb, "base_layer", None)):
+        rows = getattr(layer, "num_embeddings", None) if layer is not None else None
+        if rows is not None:
+            return int(rows)
+    return int(emb.weight.shape[0])
+
+
 class Sampler:
     """Elastic-horizon decoding of a causal LM whose vocabulary includes the mask token."""
 
@@ -382,7 +391,7 @@ class Sampler:
             raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
         # input vocabulary: a frozen-base drafter reads [M] from a vector of its own, outside the base
         # matrix (pipeline/model/drafter.py), and its LM head has no [M] row to ban
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = _input_rows(model.get_input_embeddings())
         out_vocab = model.get_output_embeddings().weight.shape[0]
         if not 0 <= int(mask_token_id) < vocab:
             raise InvalidRequest(f"mask_token_id {mask_token_id} is outside the model vocabulary (size {vocab})")

@@ -13,6 +13,7 @@ In/Out (load_export): the folder → (model, tokenizer or None, meta). Weights a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -152,17 +153,11 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict, base_d
         vocab = to_save.get_input_embeddings().num_embeddings
         if meta["mask_token_id"] >= vocab:
             raise FluidError(f"mask_token_id {meta['mask_token_id']} is outside the model's {vocab} embeddings")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with _atomic_dir(out) as tmp:
             to_save.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-            _replace_dir(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if distributed:
             dist.barrier()
@@ -190,9 +185,7 @@ def _export_drafter(model, tokenizer, out: Path, *, fluid_meta: dict, base_dir) 
         base = Path(base_dir)
         files = [f for f in base.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name in (
             "config.json", "generation_config.json", "model.safetensors.index.json"))]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with _atomic_dir(out) as tmp:
             tmp.mkdir()
             for f in files:
                 shutil.copyfile(f, tmp / f.name)
@@ -200,14 +193,23 @@ def _export_drafter(model, tokenizer, out: Path, *, fluid_meta: dict, base_dir) 
                 tokenizer.save_pretrained(tmp)
             save_file({k: v.detach().cpu() for k, v in state.items()}, str(tmp / DRAFTER_FILE))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-            _replace_dir(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if distributed:
             dist.barrier()
     return out
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path):
+    """Yield a temporary sibling folder to fill; on success it replaces `out` whole, on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
