@@ -62,7 +62,7 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
 
     `step` is the number of updates done before this one (it drives the bidirectional baseline's
     mask annealing)."""
-    from pipeline.model.causal_lm import forward_batch
+    from pipeline.model.causal_lm import drafter_forward_batch, forward_batch
     from pipeline.model.losses import bidirectional_loss, count_targets, metrics_from_sums, stage1_loss
 
     _, world_size = world()
@@ -80,6 +80,9 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         if batch is None:
             raise FluidError(f"training data ran out at step {step}: add data or lower train.max_steps")
         micro.append(batch)
+    # HF turns the KV cache off under activation checkpointing, which the split forward needs
+    split_drafter = (cfg.train.drafter == "adapter" and cfg.noise.mode == "causal"
+                     and not cfg.train.activation_checkpointing)
     gcount = None
     if cfg.noise.mode != "bidirectional":  # exact global means: targets of every micro-batch on every rank
         gcount = sum(count_targets(b["labels"], b["k"], k_max=k_max) for b in micro)
@@ -91,7 +94,10 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
             anneal = min(1.0, step / cfg.train.anneal_steps)
             gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
-        logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
+        if split_drafter:  # frozen base: no autograd through the clean stream (same loss and gradient)
+            logits = drafter_forward_batch(model, batch)
+        else:
+            logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
         if cfg.noise.mode == "bidirectional":
             loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
             loss = loss / accum

@@ -111,3 +111,37 @@ def test_export_keeps_base_bytes_and_loads_as_a_sampler(tmp_path):
     with pytest.raises(Exception, match="drafter"):
         (out / "drafter.safetensors").unlink()
         load_sampler(out)
+
+
+def test_drafter_forward_splits_the_clean_stream_off_autograd_with_the_same_logits_and_gradients():
+    from pipeline.model.causal_lm import clean_prefix_len, drafter_forward_batch
+
+    _, model = _drafter(40, seed=3)
+    rows = [_batch(np.random.default_rng(s).integers(2, 40, size=24), 40, seed=s) for s in range(3)]
+    batch = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    assert clean_prefix_len(batch["span_id"]) == 24
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        logits = fn(model, batch)
+        sel = batch["labels"] >= 0
+        torch.nn.functional.cross_entropy(logits[sel], batch["labels"][sel]).backward()
+        return logits.detach(), [p.grad.clone() for p in trainable]
+
+    ref_logits, ref_grads = run(forward_batch)
+    logits, grads = run(drafter_forward_batch)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert max(float(g.abs().max()) for g in grads) > 0
+
+
+def test_clean_prefix_len_refuses_interleaved_layouts():
+    from pipeline.model.causal_lm import clean_prefix_len
+
+    assert clean_prefix_len(torch.tensor([[-1, -1, 0, 0, -2]])) == 2
+    assert clean_prefix_len(torch.tensor([[-1, -2, 0, -2], [-1, -1, 0, 0]])) == 2  # a padded clean stream
+    assert clean_prefix_len(torch.tensor([[-1, 0, -1, 0]])) is None                # a draft before clean
+    assert clean_prefix_len(torch.tensor([[-1, -1, -1]])) is None                  # no draft part
+    assert clean_prefix_len(torch.tensor([[0, 0, -2]])) is None                    # no clean part
