@@ -1,12 +1,16 @@
 """`fluid adapt` / `python -m jobs.adapt`: Stage I causal-alignment adaptation on Ray Train (FSDP2).
 
 Checks the configuration before any worker starts (sequence length vs the model's context, K_max,
-batch divisibility, data present, storage writable, causal-LM head), resolves the model, builds the
-noised two-stream datasets with Ray Data, and runs `TorchTrainer` with sharded DCP checkpoints
-every `train.checkpoint_every` steps (the last `train.keep_checkpoints` kept) under
-`<train.storage_path>/<train.run_name>`. Re-running the same command with the same run name resumes
-from the last checkpoint; worker failures are retried `train.max_failures` times from the last
-checkpoint. At the end the model is exported as a Hugging Face folder with `fluid.json`.
+batch divisibility, data present, storage writable, causal-LM head), resolves the model, preprocesses
+the corpus into Parquet shards under the run folder with Ray Data (unless `data.preprocessed` names
+shards; reused on re-submission), and runs `TorchTrainer`: each worker streams its share of the shards
+(seeded block order per epoch, bounded shuffle window). Sharded DCP checkpoints every
+`train.checkpoint_every` steps (the last `train.keep_checkpoints` kept) go under
+`<train.storage_path>/<train.run_name>` (a path every node sees, or `s3://` / `gs://`). Re-submitting
+the same command with the same run name resumes from the last checkpoint; worker failures are retried
+`train.max_failures` times from the last checkpoint. At the end the model is exported as a Hugging Face
+folder with `fluid.json` (default `<run>/export`). On a multi-node cluster the driver stages the model
+and a local corpus content-addressed under `<storage>/.fluid/` and each node fetches its own copy once.
 
 Metrics: `<storage>/<run>/metrics.jsonl` (one line per step, plus `eval` lines before and after).
 """
@@ -47,6 +51,9 @@ def validate(cfg: FluidConfig) -> None:
                          "trainer does not do): use bfloat16 on GPUs, or float32")
     if cfg.data.distilled and cfg.noise.mode != "causal":
         raise FluidError("data.distilled needs noise.mode=causal (distilled drafts are two-stream spans)")
+    if cfg.data.distilled and cfg.data.preprocessed:
+        raise FluidError("data.distilled mixes distilled rows into the shards adapt preprocesses itself; "
+                         "it cannot be combined with data.preprocessed (drop one of them)")
     if not 0 <= cfg.data.distill_mix <= 1:
         raise FluidError(f"data.distill_mix must be in [0, 1], got {cfg.data.distill_mix}")
     if t.drafter == "adapter" and t.lora_rank < 0:
@@ -108,74 +115,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str | None = None) -> dict:
     from pipeline.data.ray_pipeline import init_ray
+    from pipeline.sources.staging import stage_folder
+    from pipeline.train.cluster import stage_root
 
     init_ray(**({"address": ray_address} if ray_address else
                 {"num_cpus": max(4, cfg.train.workers * cfg.train.cpus_per_worker + 2)}))
-    return fit(cfg, resolved, storage, build_training_datasets(cfg, resolved))
+    root = stage_root(storage)  # multi-node: what only this node has goes to storage first
+    model_ref = stage_folder(resolved.path, root) if root else str(resolved.path)
+    return fit(cfg, resolved, storage, build_training_datasets(cfg, resolved, stage_root=root), model_ref=model_ref)
 
 
-def build_training_datasets(cfg: FluidConfig, resolved) -> dict:
-    """Materialized `train` (enough epochs for max_steps, each noised with its own epoch seed) and
-    `validation` datasets, in the deterministic order of pipeline/data/ray_pipeline.py (seeded shuffle included).
-    With `data.preprocessed`, the train rows come from `fluid preprocess` Parquet shards instead."""
-    from pipeline.data.ray_pipeline import build_dataset, read_preprocessed
+def build_training_datasets(cfg: FluidConfig, resolved, stage_root: str | None = None) -> dict:
+    """`train_blocks`: the row groups of the training shards (`data.preprocessed`, or the corpus
+    preprocessed here into `<run>/data/train`, reused by a re-submitted run), which every worker streams
+    its share of (pipeline/data/streaming.py); `validation`: a materialized Ray Dataset, if any."""
+    import dataclasses
 
-    columns = batch_columns(cfg)
+    from jobs.train_data import prepare_train_shards
+    from pipeline.data.ray_pipeline import build_dataset
+    from pipeline.data.streaming import list_blocks
 
-    def make(split: str, epoch: int):
-        if split == "train" and cfg.data.preprocessed:
-            return read_preprocessed(cfg.data.preprocessed).select_columns(columns)
-        return build_dataset(cfg.data, cfg.noise, tokenizer_path=str(resolved.path),
-                             mask_token_id=resolved.mask_token_id, split=split, epoch=epoch,
-                             cache_dir=cfg.model.cache_dir).select_columns(columns)
-
-    total = cfg.train.max_steps * cfg.train.global_batch_size
-    needed = total
-    if cfg.data.distilled:
-        from pipeline.data.distilled import is_distilled
-
-        needed = sum(not is_distilled(i, cfg.data.distill_mix) for i in range(total))
-    datasets, n_rows, epoch = [], 0, 0
-    while n_rows < max(needed, 1):
-        ds = make("train", epoch).materialize()
-        count = ds.count()
-        if count == 0:
-            raise FluidError("the training split produced no sequences: add data or lower data.seq_len")
-        datasets.append(ds)
-        n_rows += count
-        epoch += 1
-        if epoch > 1000:
-            raise FluidError("training would need over 1000 epochs: lower train.max_steps")
-    out = {"train": datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])}
-    if cfg.data.distilled:
-        out["train"] = mix_distilled(cfg, resolved, out["train"], total)
-    out["train"].context.execution_options.preserve_order = True
+    path = cfg.data.preprocessed or prepare_train_shards(cfg, resolved, run_dir(cfg), stage_root=stage_root)
+    out: dict = {"train_blocks": [dataclasses.asdict(b) for b in list_blocks(path)]}
     try:
-        val = make("validation", 0).materialize()
+        val = build_dataset(cfg.data, cfg.noise, tokenizer_path=str(resolved.path),
+                            mask_token_id=resolved.mask_token_id, split="validation", epoch=0,
+                            cache_dir=cfg.model.cache_dir, stage_root=stage_root)
+        val = val.select_columns(batch_columns(cfg)).materialize()
         if val.count() > 0:
+            val.context.enable_progress_bars = False  # workers iterate materialized rows
             out["validation"] = val
     except FluidError as e:
         print(f"[fluid] no validation data ({e}); skipping held-out evaluation", file=sys.stderr)
-    for ds in out.values():  # workers iterate materialized rows: a progress bar per worker is only noise
-        ds.context.enable_progress_bars = False
     return out
 
 
-def mix_distilled(cfg: FluidConfig, resolved, natural, total: int):
-    """The training rows with `data.distill_mix` of them distilled (pipeline/data/distilled.py), in order."""
-    import ray.data
-
-    from pipeline.data.distill import read_distilled
-    from pipeline.data.distilled import distilled_examples, mix
-    from pipeline.data.local import make_params
-
-    prompts, conts = read_distilled(cfg.data.distilled)
-    params = make_params(cfg.data, cfg.noise, tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id)
-    natural_rows = natural.iter_rows() if cfg.data.distill_mix < 1 else iter(())
-    rows = list(mix(natural_rows, distilled_examples(prompts, conts, params), cfg.data.distill_mix, total))
-    print(f"[fluid] training rows: {len(rows)} ({cfg.data.distill_mix:.0%} distilled from {len(prompts)} "
-          f"continuations in {cfg.data.distilled})", flush=True)
-    return ray.data.from_items(rows)
+def run_dir(cfg: FluidConfig) -> str:
+    """`<storage_path>/<run_name>`: a URL, or an absolute path."""
+    storage = cfg.train.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return f"{storage.rstrip('/')}/{cfg.train.run_name}"
 
 
 def batch_columns(cfg: FluidConfig) -> list[str]:
@@ -184,21 +164,20 @@ def batch_columns(cfg: FluidConfig) -> list[str]:
     return list(columns_for(cfg.noise.mode))
 
 
-def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
+def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str | None = None) -> dict:
     """Run the TorchTrainer on prepared datasets; resumes if the run folder holds a checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
 
-    run_dir = f"{storage.rstrip('/')}/{cfg.train.run_name}"
-    local_run_dir = run_dir if "://" not in run_dir else str(Path("runs") / cfg.train.run_name)
-    export_dir = cfg.train.export_dir or (f"{local_run_dir}/export")
+    run = f"{storage.rstrip('/')}/{cfg.train.run_name}"  # outputs all go under the storage
+    export_dir = cfg.train.export_dir or f"{run}/export"
     loop_config = {
-        "fluid": cfg.to_dict(), "model_path": str(resolved.path), "mask_token_id": resolved.mask_token_id,
-        "base_sha256": resolved.meta.get("sha256"), "run_dir": local_run_dir, "export_dir": export_dir,
+        "fluid": cfg.to_dict(), "model_path": model_ref or str(resolved.path), "mask_token_id": resolved.mask_token_id,
+        "base_sha256": resolved.meta.get("sha256"), "run_dir": run, "export_dir": export_dir,
         "has_validation": "validation" in datasets, "eval_batches": cfg.train.eval_batches,
-        "threads": cfg.train.cpus_per_worker,
+        "threads": cfg.train.cpus_per_worker, "train_blocks": datasets.get("train_blocks"),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -206,8 +185,8 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads the same global order
+        datasets={k: v for k, v in datasets.items() if k != "train_blocks"},  # training input streams from shards
+        dataset_config=DataConfig(datasets_to_split=[]),  # validation: every worker reads the same rows
         run_config=RunConfig(
             name=cfg.train.run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -219,7 +198,7 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict) -> dict:
         raise result.error
     return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce", "masked_ce")},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
-            "metrics_jsonl": f"{local_run_dir}/metrics.jsonl"}
+            "metrics_jsonl": f"{run}/metrics.jsonl"}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="checkpoint folder (e.g. runs/fluid-adapt/checkpoint_…); fsspec URLs are copied first")
     src.add_argument("--from-model", metavar="MODEL",
                      help="a plain model (HF folder, built-in name, .gguf, URL): export with untrained drafts")
-    parser.add_argument("--output", required=True, help="folder to write the Hugging Face export to")
+    parser.add_argument("--output", required=True, help="where to write the Hugging Face export: a folder, or s3://… / gs://… (uploaded)")
     args = parser.parse_args(argv)
     if args.from_model:
         export_plain_model(args.from_model, args.output)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export_plain_model(spec: str, output: str) -> Path:
+def export_plain_model(spec: str, output: str) -> str:
     """An export of an untrained model: its weights, an `[M]` row, fluid.json with steps_done 0."""
     import torch
     from transformers import AutoTokenizer
@@ -53,6 +53,7 @@ def export_plain_model(spec: str, output: str) -> Path:
     from pipeline.model.causal_lm import add_mask_token, load_causal_lm
     from pipeline.sources.model_source import resolve_model
     from pipeline.train.export import export_hf, export_meta
+    from pipeline.train.outputs import export_to
 
     cfg = FluidConfig()
     cfg.model.spec = spec
@@ -61,10 +62,11 @@ def export_plain_model(spec: str, output: str) -> Path:
     model = load_causal_lm(resolved.path, dtype=torch.float32, use_safetensors=True)
     add_mask_token(model, resolved.mask_token_id)
     meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), 0)
-    return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    return export_to(str(output), lambda out: export_hf(model, tokenizer, out, fluid_meta=meta))
 
 
-def export_checkpoint(checkpoint: str, output: str) -> Path:
+def export_checkpoint(checkpoint: str, output: str) -> str:
     import tempfile
 
     from pipeline.config import from_dict
@@ -93,10 +95,12 @@ def export_checkpoint(checkpoint: str, output: str) -> Path:
         from transformers import AutoTokenizer
 
         from pipeline.train.export import export_hf
+        from pipeline.train.outputs import export_to
 
         meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), int(state["step"]))
-        return export_hf(model, AutoTokenizer.from_pretrained(resolved.path), output, fluid_meta=meta,
-                         base_dir=resolved.path)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        return export_to(str(output), lambda out: export_hf(model, tokenizer, out, fluid_meta=meta,
+                                                            base_dir=resolved.path))
 
 
 if __name__ == "__main__":

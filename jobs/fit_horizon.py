@@ -6,6 +6,10 @@ full-length draft spans at random cursors, computes the oracle horizon K* of eve
 (pipeline/decode/horizon_fit.py), and saves it as `horizon_head.safetensors` in the export folder (the
 `khead` policy of the sampler loads it), recording τ, σ and the fit metrics in `fluid.json`.
 Workers split the sequences; the pairs are gathered and every worker fits the same head (seeded).
+
+`--export` may be a local or shared folder or an `s3://` / `gs://` URL. On a multi-node cluster the
+export is staged content-addressed under `train.storage_path` and each node reads its own cached copy;
+rank 0 hands the fitted head back as a Ray Train checkpoint and the driver writes it into the export.
 """
 
 from __future__ import annotations
@@ -26,52 +30,81 @@ HEAD_FILE = "horizon_head.safetensors"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fluid fit-horizon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", required=True, help="export folder written by `fluid adapt` (local or shared)")
+    parser.add_argument("--export", required=True,
+                        help="export folder written by `fluid adapt`: a local or shared path, or s3://… / gs://…")
     args, cfg = parse_job_args(parser, argv)
+    import tempfile
+
+    from pipeline.sources.staging import download_dir, is_remote
     from pipeline.train.export import read_meta
 
-    export = Path(args.export)
-    meta = read_meta(export)
+    with tempfile.TemporaryDirectory(prefix="fluid-export-") as tmp:
+        export = download_dir(args.export, Path(tmp) / "export") if is_remote(args.export) else Path(args.export)
+        return _main(cfg, args.export, export, read_meta(export))
+
+
+def _main(cfg, target: str, export: Path, meta: dict) -> int:
     h = cfg.horizon
     if h.tau <= 0 or h.sigma <= 0 or h.examples < 1 or h.spans_per_example < 1 or h.workers < 1:
         raise FluidError("horizon.tau, horizon.sigma must be > 0 and horizon.examples, spans_per_example, "
                          "workers ≥ 1")
     if int(meta["k_max"]) < 2:
         raise FluidError(f"{export} was trained with k_max={meta['k_max']}: no drafts to fit a horizon on")
-    metrics = fit(cfg, export, meta)
-    print(f"[fluid] horizon head → {export / HEAD_FILE}: " + ", ".join(
+    metrics = fit(cfg, export, meta, target=target)
+    print(f"[fluid] horizon head → {target.rstrip('/')}/{HEAD_FILE}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return 0
 
 
-def fit(cfg, export: Path, meta: dict) -> dict:
+def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
+    """Fit the head for the local export folder `export` and write it there and to `target` (default:
+    `export`; a URL gets the two changed files uploaded)."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.adapt import check_storage
     from pipeline.batch import COLUMNS
     from pipeline.data.ray_pipeline import build_dataset, init_ray
+    from pipeline.sources.staging import stage_folder
+    from pipeline.train.cluster import stage_root
 
     init_ray()
+    storage = check_storage(cfg.train.storage_path)
+    root = stage_root(storage)  # multi-node: the export goes to storage, each node fetches its copy
+    export_ref = stage_folder(export, root) if root else str(export.resolve())
     noise = dataclasses.replace(cfg.noise, k_max=int(meta["k_max"]), span_distribution="fixed", rho=0.0,
                                 spans=cfg.horizon.spans_per_example, mode="causal")
     data = dataclasses.replace(cfg.data, shuffle=True, seed=cfg.horizon.seed)
     ds = build_dataset(data, noise, tokenizer_path=str(export), mask_token_id=int(meta["mask_token_id"]),
-                       split="validation", epoch=0, cache_dir=cfg.model.cache_dir)
+                       split="validation", epoch=0, cache_dir=cfg.model.cache_dir, stage_root=root)
     ds = ds.limit(cfg.horizon.examples).select_columns(
         list(COLUMNS)).materialize()
     if ds.count() == 0:
         raise FluidError("the validation split has no sequences to fit the horizon head on")
     trainer = TorchTrainer(
-        _loop, train_loop_config={"fluid": cfg.to_dict(), "export": str(export.resolve()), "k_max": noise.k_max},
+        _loop, train_loop_config={"fluid": cfg.to_dict(), "export": export_ref, "k_max": noise.k_max},
         scaling_config=ScalingConfig(num_workers=cfg.horizon.workers, resources_per_worker={"CPU": 1}),
         datasets={"pairs": ds}, dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(name="fit-horizon", storage_path=str(Path(cfg.train.storage_path).resolve())),
+        run_config=RunConfig(name="fit-horizon", storage_path=storage),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    # Ray Train V2 keeps metrics only with checkpoints: the head's record in fluid.json is the result
-    return json.loads((export / "fluid.json").read_text())["horizon_head"]
+    if result.checkpoint is None:
+        raise FluidError("the horizon-head fit reported no result")
+    from pipeline.decode.horizon_head import HorizonHead
+
+    with result.checkpoint.as_directory() as d:  # rank 0's head and metrics, from the run's storage
+        info = json.loads((Path(d) / "info.json").read_text())
+        save_head(HorizonHead.load(Path(d) / HEAD_FILE), export, info)
+    if target is not None and target != str(export):
+        from pipeline.sources.staging import _fs, is_remote, join
+
+        if is_remote(target):
+            for name in (HEAD_FILE, "fluid.json"):
+                fs, path = _fs(join(target, name))
+                fs.put_file(str(export / name), path)
+    return info
 
 
 def _loop(config: dict) -> None:
@@ -81,13 +114,14 @@ def _loop(config: dict) -> None:
 
     from pipeline.config import from_dict
     from pipeline.decode.horizon_fit import collect_pairs, fit_head, oracle_horizon
+    from pipeline.sources.staging import local_folder
     from pipeline.train.export import load_export
 
     cfg = from_dict(config["fluid"])
     k_max = int(config["k_max"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model, _, _ = load_export(config["export"])
+    model, _, _ = load_export(local_folder(config["export"], cfg.model.cache_dir))  # this node's copy
     model.requires_grad_(False)
     feats, ces = [], []
     for i, batch in enumerate(ray.train.get_dataset_shard("pairs").iter_torch_batches(batch_size=4)):
@@ -107,9 +141,14 @@ def _loop(config: dict) -> None:
     head, metrics = fit_head(features, k_star, k_max=k_max, sigma=cfg.horizon.sigma, epochs=cfg.horizon.epochs,
                              lr=cfg.horizon.lr, seed=cfg.horizon.seed)
     metrics["mean_ce_k2"] = float(ce[:, 0].mean())
-    if rank == 0:
-        save_head(head, Path(config["export"]), {"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma, **metrics})
-    ray.train.report(metrics)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fluid-head-") as d:
+        if rank == 0:  # the driver writes it into the export: this node's copy may be a cached one
+            head.save(Path(d) / HEAD_FILE)
+            (Path(d) / "info.json").write_text(json.dumps({"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma,
+                                                           **metrics}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
 def save_head(head, export: Path, info: dict) -> None:

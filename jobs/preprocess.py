@@ -39,13 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         raise FluidError(f"{args.output} already holds {len(existing)} Parquet shards; pass --overwrite or "
                          "choose another --output")
     resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+    data.init_ray()
+    from pipeline.train.cluster import stage_root
+
+    # multi-node: a local corpus and the tokenizer are staged under train.storage_path for the readers
+    root = stage_root(cfg.train.storage_path)
     stats = data.PipelineStats()
     ds = data.build_dataset(cfg.data, cfg.noise, tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id,
-                            split=args.split, epoch=args.epoch, stats=stats, cache_dir=cfg.model.cache_dir)
+                            split=args.split, epoch=args.epoch, stats=stats, cache_dir=cfg.model.cache_dir,
+                            stage_root=root)
     if existing:
         data.remove_files(args.output, existing)
     t0 = time.perf_counter()
-    data.write_parquet(ds, args.output)
+    from pipeline.data.streaming import ROW_GROUP_ROWS
+
+    data.write_parquet(ds, args.output, row_group_rows=ROW_GROUP_ROWS)  # the unit a training worker reads
     summary = stats.summary(seconds=time.perf_counter() - t0)
     summary.update(output=str(args.output), split=args.split, epoch=args.epoch, model=cfg.model.spec,
                    mask_token_id=resolved.mask_token_id, config={"data": vars(cfg.data), "noise": vars(cfg.noise)})

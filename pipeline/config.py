@@ -54,13 +54,17 @@ class DataConfig:
     """Clean tokens per packed training sequence (L)."""
     tokenizer_actors: int = 1
     preprocessed: str | None = None
-    """Train from Parquet shards written by `fluid preprocess` (local or fsspec) instead of the corpus."""
+    """Train from Parquet shards written by `fluid preprocess` (local or fsspec); default: `fluid adapt`
+    preprocesses the corpus itself into `<storage_path>/<run_name>/data/train` (reused on re-submission)."""
     shuffle: bool = True
     seed: int = 0
     distilled: str | None = None
     """A distilled corpus written by `fluid distill` (local or fsspec): its examples are mixed into training."""
     distill_mix: float = 0.5
     """With data.distilled: share of training examples that are distilled; the rest stay natural text."""
+    shuffle_buffer: int = 4096
+    """Training reads shards in a seeded block order per epoch and shuffles rows within windows of this
+    many rows (memory per worker: about this many rows)."""
 
 
 @dataclass

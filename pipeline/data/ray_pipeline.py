@@ -142,7 +142,9 @@ class _TokenizeStage:
     def __init__(self, tokenizer_path: str, eos_id: int, parallelism: bool | None) -> None:
         if parallelism is not None:
             os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallelism else "false"
-        self.tokenizer = load_fast_tokenizer(tokenizer_path)
+        from pipeline.sources.staging import local_folder
+
+        self.tokenizer = load_fast_tokenizer(local_folder(tokenizer_path))  # a staged URL: this node's copy
         self.eos_id = eos_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -190,15 +192,21 @@ def init_ray(**kwargs) -> None:
 def build_dataset(data_cfg: DataConfig, noise_cfg: NoiseConfig, *, tokenizer_path, mask_token_id: int,
                   split: str | None = "train", epoch: int = 0, stats: PipelineStats | None = None,
                   cache_dir=None, unit_chars: int = UNIT_CHARS, override_num_blocks: int | None = None,
-                  tokenizers_parallelism: bool | None = None) -> ray.data.Dataset:
+                  tokenizers_parallelism: bool | None = None, stage_root: str | None = None) -> ray.data.Dataset:
     """The lazy Ray Data pipeline (module docstring). `split=None` keeps every split; `stats` collects
-    the summary; `override_num_blocks` only changes the layout, never the rows."""
+    the summary; `override_num_blocks` only changes the layout, never the rows. `stage_root` (multi-node
+    clusters, pipeline/train/cluster.py): local corpus files and the tokenizer are staged there first, so
+    the read and tokenize tasks open them from any node."""
     params = make_params(data_cfg, noise_cfg, tokenizer_path=tokenizer_path, mask_token_id=mask_token_id,
                          epoch=epoch)
     if data_cfg.tokenizer_actors < 1:
         raise FluidError(f"data.tokenizer_actors must be ≥ 1, got {data_cfg.tokenizer_actors}")
     items = plan_sources(data_cfg, split, cache_dir=cache_dir, ship_local=True)
     init_ray()
+    if stage_root:
+        from pipeline.sources.staging import stage_items
+
+        items, tokenizer_path = stage_items(items, tokenizer_path, stage_root)
     sink = stats.sink() if stats is not None else None
     # Few, large blocks: a block is a read + tokenize call; the sort's cost grows with blocks².
     blocks = override_num_blocks or min(len(items), 4 * data_cfg.tokenizer_actors)
@@ -254,19 +262,21 @@ def remove_files(path: str, files: list[str]) -> None:
         fs.rm(f)
 
 
-def write_parquet(ds: ray.data.Dataset, path: str) -> None:
-    """Write the rows as Parquet shards under `path` (local folder or fsspec URL), in dataset order."""
+def write_parquet(ds: ray.data.Dataset, path: str, *, row_group_rows: int | None = None) -> None:
+    """Write the rows as Parquet shards under `path` (local folder or fsspec URL), in dataset order;
+    `row_group_rows` caps the rows per row group (the unit the streaming training reader fetches)."""
     fs, root, protocol = _fs(path)
     fs.makedirs(root, exist_ok=True)
+    extra = {"row_group_size": row_group_rows} if row_group_rows else {}
     if protocol in PROCESS_LOCAL_PROTOCOLS:  # Ray workers cannot see this process's file system
         import pyarrow.parquet as pq
 
         for i, table in enumerate(ds.iter_batches(batch_size=4096, batch_format="pyarrow")):
-            pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=_arrow_fs(fs))
+            pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=_arrow_fs(fs), **extra)
     elif protocol in ("file", "local"):
-        ds.write_parquet(root)
+        ds.write_parquet(root, **extra)
     else:
-        ds.write_parquet(root, filesystem=_arrow_fs(fs))
+        ds.write_parquet(root, filesystem=_arrow_fs(fs), **extra)
 
 
 def read_preprocessed(path: str) -> ray.data.Dataset:

@@ -1,8 +1,8 @@
 """Stage I causal-alignment training loop, run by every Ray Train worker (`train_loop_per_worker`).
 
-In:  the `FluidConfig` (as a dict), the resolved model folder and mask id, and Ray Datasets
-     `train` (and optionally `validation`) of two-stream rows (`pipeline.batch`) that every
-     worker reads whole, in the same deterministic order (`seq_order` column).
+In:  the `FluidConfig` (as a dict), the model folder (or its staged URL: each node fetches its own
+     copy) and mask id, `train_blocks` — the row groups of the training shards, of which each worker
+     streams its share (pipeline/data/streaming.py) — and optionally a Ray Dataset `validation`.
 Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, data-wait share) to
      `ray.train.report` and to `<run_dir>/metrics.jsonl`; sharded DCP checkpoints every
      `train.checkpoint_every` steps; a Hugging Face export at the end.
@@ -12,16 +12,15 @@ held-out evaluation (`step`, no Ray), metrics (`metrics`), checkpoints and resum
 the export (`export`). This file only wires them to Ray Train.
 
 Determinism and exact resume: each optimizer step consumes the same global batch whatever the
-number of workers (worker r takes rows [r·b, (r+1)·b) of each global micro-batch), and resume
-skips the micro-batches already consumed. So an interrupted run that resumes from its last
-checkpoint ends with the same weights as an uninterrupted run (up to floating-point reduction
-order). The price: every worker reads every row; the compute of the model dominates anyway.
+number of workers (the shard reader's global order depends only on the seed), and resume starts at
+the first micro-batch not consumed, without reading the earlier ones. So an interrupted run that
+resumes from its last checkpoint ends with the same weights as an uninterrupted run (up to
+floating-point reduction order). Outputs go under the run folder, local or `s3://` / `gs://`.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -43,6 +42,16 @@ def build_training(cfg: FluidConfig, loop_config: dict):
     from pipeline.train.optim import build_optimizer
 
     device, mixed = resolve_device(cfg.train.use_gpu, cfg.model.dtype)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    plain = cfg.train.lora_rank == 0 and cfg.train.drafter == "full" and not cfg.train.from_scratch
+    if distributed and plain:
+        from pipeline.model.sharded_load import load_sharded  # no rank ever holds the whole model
+
+        model = load_sharded(loop_config["model_path"], loop_config["mask_token_id"], device, mixed_precision=mixed,
+                             attn_implementation=cfg.model.attn_implementation,
+                             activation_checkpointing=cfg.train.activation_checkpointing)
+        optimizer, scheduler, trainable = build_optimizer(model, cfg)
+        return model, optimizer, scheduler, trainable, device
     model = build_model(cfg, loop_config["model_path"], loop_config["mask_token_id"], device)  # + LoRA/drafter
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -61,6 +70,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(loop_config["fluid"])
     quiet_ray_train(cfg.train.verbose)
     rank, world_size = world()
+    from pipeline.sources.staging import local_folder
+
+    # a staged URL on a multi-node cluster: this node's own cached copy (fetched once, checksummed)
+    loop_config = {**loop_config, "model_path": str(local_folder(loop_config["model_path"], cfg.model.cache_dir))}
     torch.manual_seed(cfg.train.seed)
     if loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))
@@ -70,8 +83,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if start_step and rank == 0:
         say(f"[fluid] resumed from checkpoint at step {start_step}")
 
-    run_dir = Path(loop_config["run_dir"])
-    log = MetricsLog(run_dir / "metrics.jsonl", rank, resume_step=start_step)
+    from pipeline.train.outputs import RunFiles
+
+    run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
+    log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
     micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
     val_ds = ray.train.get_dataset_shard("validation") if loop_config.get("has_validation") else None
     eval_batches = int(loop_config.get("eval_batches", 8))
@@ -85,9 +100,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if val_ds is not None and start_step == 0:
         log.eval(0, held_out())
 
-    batches = local_batches(ray.train.get_dataset_shard("train"), micro_global=micro_global, rank=rank,
-                            world=world_size, skip=start_step * cfg.train.grad_accum, device=device,
-                            mode=cfg.noise.mode)
+    if loop_config.get("train_blocks"):  # stream this worker's share of the shards (pipeline/data/streaming.py)
+        from pipeline.batch import columns_for
+        from pipeline.data.streaming import worker_batches
+
+        batches = worker_batches(loop_config["train_blocks"], micro_global=micro_global, rank=rank, world=world_size,
+                                 start=start_step * cfg.train.grad_accum, seed=cfg.data.seed,
+                                 shuffle=cfg.data.shuffle, window=cfg.data.shuffle_buffer,
+                                 columns=list(columns_for(cfg.noise.mode)), device=device)
+    else:
+        batches = local_batches(ray.train.get_dataset_shard("train"), micro_global=micro_global, rank=rank,
+                                world=world_size, skip=start_step * cfg.train.grad_accum, device=device,
+                                mode=cfg.noise.mode)
     t_start = time.time() - float(state.get("elapsed_s", 0.0))
     step = start_step
     model.train()
@@ -105,9 +129,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         out_of_time = agree(budget is not None and metrics["elapsed_s"] >= budget, device)
         if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time:
             report_checkpoint(model, optimizer, scheduler, step, metrics, cfg)
+            run_files.sync()
         else:
             ray.train.report(scalars(metrics))
-        _maybe_inject_failure(cfg, run_dir, step, rank)
+        _maybe_inject_failure(cfg, run_files, step, rank)
         if out_of_time:
             if rank == 0:
                 say(f"[fluid] time budget of {budget:.0f} s reached at step {step}")
@@ -115,17 +140,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if val_ds is not None:
         log.eval(step, held_out())
+    run_files.sync()
     if loop_config.get("export_dir"):
         _export(model, cfg, loop_config, loop_config["export_dir"], step)
 
 
-def _maybe_inject_failure(cfg: FluidConfig, run_dir: Path, step: int, rank: int) -> None:
+def _maybe_inject_failure(cfg: FluidConfig, run_files, step: int, rank: int) -> None:
     """`train.fail_at_step`: fail once at that step (a marker file in the run folder), to test recovery."""
-    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or (run_dir / ".failed_once").exists():
+    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or run_files.has(".failed_once"):
         return
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".failed_once").write_text(str(step))
+        run_files.put(".failed_once", str(step))
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
@@ -136,7 +161,10 @@ def _export(model, cfg: FluidConfig, loop_config: dict, export_dir: str, step: i
 
     rank, _ = world()
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"]) if rank == 0 else None
+    from pipeline.train.outputs import export_to
+
     meta = export_meta(cfg, loop_config["mask_token_id"], loop_config.get("base_sha256"), step)
-    out = export_hf(model, tokenizer, export_dir, fluid_meta=meta, base_dir=loop_config["model_path"])
-    if out is not None:
-        say(f"[fluid] exported Hugging Face folder to {out}")
+    export_to(export_dir, lambda out: export_hf(model, tokenizer, out, fluid_meta=meta,
+                                                base_dir=loop_config["model_path"]))
+    if rank == 0:
+        say(f"[fluid] exported Hugging Face folder to {export_dir}")

@@ -3,6 +3,7 @@ drafter; `adapt` with `train.lora_rank > 0` (peft LoRA, merged at export)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,15 @@ def test_distill_matches_hf_generate_resumes_by_shard_and_trains_the_frozen_draf
     weights, metrics, result = _run(tmp_path, "drafter", tiny_resolved, corpus, "--train.drafter=adapter",
                                     "--train.lora_rank=4", f"--data.distilled={tmp_path / 'distilled'}",
                                     "--data.distill_mix=0.5", "--train.max_steps=3")
+    # the training shards adapt wrote hold the mix row by row: half of every prefix distilled (±1)
+    from pipeline.data.streaming import ShardReader, list_blocks
+
+    blocks = list_blocks(str(tmp_path / "runs" / "drafter" / "data" / "train"))
+    reader = ShardReader(blocks, micro_global=4, rank=0, world=1, shuffle=False, columns=["input_ids"])
+    rows = np.concatenate([reader._block(b)["input_ids"] for b in range(len(blocks))])
+    starts = {tuple(p[:4].tolist()) for p in prompts}
+    flags = [tuple(r[:4].tolist()) in starts for r in rows]
+    assert len(rows) > 8 and all(abs(sum(flags[:n]) - n / 2) <= 1 for n in range(1, len(flags) + 1))
     export = result["export"]
     assert open(f"{export}/model.safetensors", "rb").read() == (tiny_resolved.path / "model.safetensors").read_bytes()
     meta = json.loads(open(f"{export}/fluid.json").read())

@@ -1,4 +1,5 @@
-"""Ray Train adaptation end to end on a tiny model: resume after a failure, worker-count independence."""
+"""Ray Train adaptation end to end on a tiny model: resume after a failure and after re-submission,
+worker-count independence (streamed shards, sharded model load)."""
 
 import json
 
@@ -84,6 +85,15 @@ def test_resume_after_failure_and_two_workers_match_uninterrupted(ray_local, tmp
     assert res_steps == [1, 2, 3, 4]  # failed after step 2's checkpoint, resumed at 3
     for key, value in base.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+    # a job that died (no retries left) and is submitted again with the same run name resumes
+    with pytest.raises(Exception, match="injected failure at step 2"):
+        _run(tmp_path, "resubmitted", tiny_resolved, corpus, "--train.fail_at_step=2", "--train.max_failures=0")
+    again, again_metrics, _ = _run(tmp_path, "resubmitted", tiny_resolved, corpus, "--train.fail_at_step=2",
+                                   "--train.max_failures=0")
+    assert [m["step"] for m in again_metrics if "event" not in m] == [1, 2, 3, 4]  # 1–2 first, 3–4 resumed
+    for key, value in base.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
 
     two, two_metrics, _ = _run(tmp_path, "two-workers", tiny_resolved, corpus, "--train.workers=2",
                                "--train.eval_decode_prompts=3")
