@@ -87,14 +87,17 @@ class Ticket:
         self.engine._cancel(self)
 
 
+DEFAULT_KV_ROWS = 8  # default KV budget: 8 full-context requests (memory), whatever max_batch_size is
+
+
 class Engine:
-    def __init__(self, sampler: Sampler, *, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+    def __init__(self, sampler: Sampler, *, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.01,
                  max_queued_requests: int = 64, max_kv_tokens: int | None = None, metrics: Metrics | None = None):
         self.s = sampler
         self.max_batch = max(1, int(max_batch_size))
         self.batch_wait = max(0.0, float(batch_wait_timeout_s))
         self.max_queued = max(0, int(max_queued_requests))
-        self.kv_budget = int(max_kv_tokens or self.max_batch * ((sampler.context or 4096) + sampler.k_max))
+        self.kv_budget = int(max_kv_tokens or DEFAULT_KV_ROWS * ((sampler.context or 4096) + sampler.k_max))
         self.metrics = metrics or Metrics()
         self.waiting: deque[Ticket] = deque()
         self.running: list[Ticket] = []
