@@ -50,9 +50,39 @@ def recipe_natural(cfg, out: Path, log) -> list[str]:
     return []
 
 
+def _distill_for_demo(cfg, out: Path, log) -> str:
+    """`fluid distill` into <out>/distilled (in this process: the demo's Ray instance runs the rest)."""
+    import dataclasses
+
+    from jobs.distill import distill
+
+    folder = out / "distilled"
+    d = cfg.distill
+    # sized for the demo: prompt + continuation = one clean stream; a few minutes on 2 CPU cores
+    prompt_len = min(d.prompt_len, max(1, cfg.data.seq_len // 4))
+    settings = dataclasses.replace(d, output=str(folder), prompt_len=prompt_len,
+                                   new_tokens=cfg.data.seq_len - prompt_len,
+                                   count=min(d.count, DEMO_DISTILL_PROMPTS), shard_size=min(d.shard_size, 32))
+    log(f"[fluid] distilling {settings.count} greedy continuations of {settings.new_tokens} tokens into {folder}")
+    distill(dataclasses.replace(cfg, distill=settings), local=True)
+    return str(folder)
+
+
+def recipe_self_distill(cfg, out: Path, log) -> list[str]:
+    """The base model's own greedy continuations as draft targets, half of the rows; natural text in the rest."""
+    return [f"--data.distilled={_distill_for_demo(cfg, out, log)}", "--data.distill_mix=0.5"]
+
+
+def recipe_frozen_base(cfg, out: Path, log) -> list[str]:
+    """Frozen base + a drafter (gated LoRA on draft tokens) trained on the model's own greedy continuations."""
+    return [f"--data.distilled={_distill_for_demo(cfg, out, log)}", "--data.distill_mix=1.0",
+            "--train.drafter=adapter", "--train.lora_rank=16", "--train.lora_alpha=32", "--train.lr=1e-3"]
+
+
 # demo.drafts → a function (cfg, output folder, log) → extra `fluid adapt` overrides. Recipes that
 # produce their own data (self-distillation) write it under the output folder and point adapt at it.
-RECIPES = {"natural": recipe_natural}
+RECIPES = {"natural": recipe_natural, "self_distill": recipe_self_distill, "frozen_base": recipe_frozen_base}
+DEMO_DISTILL_PROMPTS = 128
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +111,11 @@ class Demo:
                 "horizon": ("horizon",), "evaluate": ("eval",)}
         upto = STAGES[: STAGES.index(stage) + 1]
         parts = {k: d[k] for s in upto for k in keys.get(s, ())}
-        parts["demo"] = {"drafts": d["demo"]["drafts"]}  # the budget alone does not invalidate stages
+        parts.pop("demo", None)  # the budget alone does not invalidate stages; the recipe does, from stage 2 on
+        if "drafts" in upto:
+            parts["demo"] = {"drafts": d["demo"]["drafts"]}
+            if d["demo"]["drafts"] != "natural":
+                parts["distill"] = d["distill"]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def stage(self, name: str, fn, *, cache: bool = True):
@@ -174,8 +208,10 @@ class Demo:
         mark.write_text(fp)
         print(f"[fluid] training for {train_s:.0f} s (the budget left after the other stages); an interrupted "
               "run resumes from its last checkpoint", flush=True)
-        jobs.adapt.main(self.job_argv(f"--data.preprocessed={self.out / 'data'}", f"--train.time_budget_s={train_s:.0f}",
-                                      f"--train.max_steps={max_steps}", *extra))
+        # distilled recipes mix their rows into the shards adapt writes itself; natural text reuses stage 1's
+        data = [] if any(x.startswith("--data.distilled=") for x in extra) else [f"--data.preprocessed={self.out / 'data'}"]
+        jobs.adapt.main(self.job_argv(*data, f"--train.time_budget_s={train_s:.0f}", f"--train.max_steps={max_steps}",
+                                      *extra))
         steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / "metrics.jsonl").read_text().splitlines()
                  if x.strip()]
         last = [m for m in steps if "event" not in m][-1]

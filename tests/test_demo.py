@@ -46,3 +46,12 @@ def test_main_job_runs_every_stage_then_reuses_them(ray_local, tmp_path, capsys)
     for n, stage in enumerate(demo.STAGES[:-1], 1):
         assert f"[fluid] demo {n}/6 {stage}: done before" in again
     assert "[fluid] demo 6/6 serve …" in again and "FLUID demo — summary" in again
+
+    # the frozen-base recipe: data reused; distillation, drafter training and the rest run again
+    assert demo.main([*argv, "--demo.drafts=frozen_base", "--distill.count=8"]) == 0
+    third = capsys.readouterr().out
+    assert "[fluid] demo 1/6 data: done before" in third and "[fluid] demo 2/6 drafts …" in third
+    assert len(list((out / "distilled").glob("shard-*.parquet"))) >= 1
+    assert (export / "drafter.safetensors").is_file()
+    assert (export / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert "FLUID demo — summary" in third

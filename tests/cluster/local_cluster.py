@@ -123,6 +123,8 @@ class LocalCluster:
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
             "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_NO_INDEX": "", "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            # three nodes' agents start at once on 2 cores: Ray's 60 s start-up waits are too short there
+            "RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
         })
         env.pop("PIP_NO_INDEX")
         env.update(extra)
