@@ -35,7 +35,6 @@ is the AR output whatever K is, so timing may drive it. Lossy policies must not 
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pipeline.errors import FluidError
+from pipeline.model.causal_lm import cache_kwarg
 
 CALIBRATION_WIDTHS = (1, 2, 4, 8, 16, 32)
 
@@ -112,7 +112,7 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
     from pipeline.decode import kvcache
 
     device = next(model.parameters()).device
-    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kwarg = cache_kwarg(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cache = DynamicCache(config=model.config)
     ids = torch.full((1, past + max(widths)), int(token_id), dtype=torch.long, device=device)

@@ -21,7 +21,6 @@ Text is detokenized incrementally (detok.py), stop strings are matched on the ne
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from pipeline.decode.policies import (
     speculative_accept,
 )
 from pipeline.errors import FluidError
+from pipeline.model.causal_lm import cache_kwarg
 
 __all__ = ["GenerationRequest", "GenerationResult", "GenerationStats", "Sampler", "StreamChunk", "TextDeltas"]
 
@@ -413,8 +413,7 @@ class Sampler:
         self.banned_ids = torch.tensor([b for b in banned if b < out_vocab], device=self.device, dtype=torch.long)
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.attn_impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
-        params = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = cache_kwarg(model)
         self.compact_min = 16  # compact the batch cache when this many (or S/8) columns are holes
         if horizon_head is not None:
             hidden = getattr(model.config, "hidden_size", None)

@@ -194,6 +194,14 @@ def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
     return model.to(device)
 
 
+def cache_kwarg(model) -> str:
+    """The keyword `model.forward` takes the KV cache by: transformers 5.x renamed `past_key_values`
+    to `cache` (the old name is deprecated)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def clean_prefix_len(span_id: torch.Tensor) -> int | None:
     """L such that every row is [clean stream or padding][draft spans or padding] split at L: the
     last clean position + 1, provided no draft token comes before it; None otherwise."""
@@ -220,8 +228,6 @@ def drafter_forward_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor
     length = clean_prefix_len(span_id)
     if length is None:
         return forward_batch(model, batch)
-    import inspect
-
     from transformers import DynamicCache
 
     from pipeline.model.drafter import draft_gate
@@ -230,7 +236,7 @@ def drafter_forward_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor
     position_ids = batch["position_ids"].long().clamp_min(0)
     mask = build_attention_mask(model, batch, "causal")
     cache = DynamicCache(config=model.config)
-    kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kwarg = cache_kwarg(model)
     with torch.no_grad(), draft_gate(model, torch.zeros_like(span_id[:, :length], dtype=torch.bool)):
         clean = model(input_ids=input_ids[:, :length], attention_mask=mask[:, :, :length, :length],
                       position_ids=position_ids[:, :length], use_cache=True, **{kwarg: cache})

@@ -132,7 +132,7 @@ def test_drafter_forward_splits_the_clean_stream_off_autograd_with_the_same_logi
     ref_logits, ref_grads = run(forward_batch)
     logits, grads = run(drafter_forward_batch)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     assert max(float(g.abs().max()) for g in grads) > 0
 
