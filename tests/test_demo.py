@@ -41,17 +41,48 @@ def test_main_job_runs_every_stage_then_reuses_them(ray_local, tmp_path, capsys)
     assert set(state) == {"data", "drafts", "adapt", "horizon", "evaluate"}  # serving is never cached
     assert state["adapt"]["result"]["steps"] == 3
 
-    assert demo.main(argv) == 0  # a second run reuses every finished stage and serves again
-    again = capsys.readouterr().out
-    for n, stage in enumerate(demo.STAGES[:-1], 1):
-        assert f"[fluid] demo {n}/6 {stage}: done before" in again
-    assert "[fluid] demo 6/6 serve …" in again and "FLUID demo — summary" in again
-
-    # the frozen-base recipe: data reused; distillation, drafter training and the rest run again
+    # run again with the frozen-base recipe: the finished data stage is reused; distillation, drafter
+    # training and the rest run again (reuse of every stage: test_finished_stages_are_reused_until_…)
     assert demo.main([*argv, "--demo.drafts=frozen_base", "--distill.count=8"]) == 0
     third = capsys.readouterr().out
     assert "[fluid] demo 1/6 data: done before" in third and "[fluid] demo 2/6 drafts …" in third
+    for n, stage in enumerate(demo.STAGES[2:], 3):
+        assert f"[fluid] demo {n}/6 {stage} …" in third
     assert len(list((out / "distilled").glob("shard-*.parquet"))) >= 1
     assert (export / "drafter.safetensors").is_file()
     assert (export / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
     assert "FLUID demo — summary" in third
+
+
+def test_finished_stages_are_reused_until_their_settings_change(tmp_path, capsys):
+    """The stage cache of `make demo` without running the stages: a re-run reuses each finished stage;
+    a changed setting re-runs its stage and every later one; the budget alone changes nothing."""
+    import jobs.demo as demo
+    from pipeline.config import load_config
+
+    calls: list[str] = []
+
+    def run(argv):
+        d = demo.Demo(load_config(None, [f"--demo.output={tmp_path}", *argv]))
+        d.out.mkdir(parents=True, exist_ok=True)
+        for name in demo.STAGES[:-1]:
+            d.stage(name, lambda name=name: calls.append(name) or {"stage": name})
+        return d
+
+    run([])
+    assert calls == list(demo.STAGES[:-1])
+    calls.clear()
+    again = run(["--demo.budget_s=300"])
+    assert calls == [] and all(again.times[s] == (0.0, "reused") for s in demo.STAGES[:-1])
+    assert again.state["adapt"]["result"] == {"stage": "adapt"}
+    assert "[fluid] demo 3/6 adapt: done before" in capsys.readouterr().out
+    run(["--train.lr=0.001"])
+    assert calls == ["adapt", "horizon", "evaluate"]
+    calls.clear()
+    run(["--train.lr=0.001", "--demo.drafts=self_distill"])
+    assert calls == ["drafts", "adapt", "horizon", "evaluate"]
+    calls.clear()
+    run(["--train.lr=0.001", "--demo.drafts=self_distill", "--data.seq_len=64"])
+    assert calls == list(demo.STAGES[:-1])
+    calls.clear()
+    assert demo.Demo(load_config(None, [f"--demo.output={tmp_path}"]), fresh=True).state == {}

@@ -2,7 +2,8 @@
 
 The head (num_cpus=0, dashboard for `ray job submit`) runs in this mount namespace; each worker node
 is `ray start --block` inside its own `unshare -m` namespace with an empty tmpfs over every folder in
-`hide` (the driver's caches, the test's model and corpus), its own FLUID_CACHE_DIR and an unreachable
+`hide` (the driver's caches, the test's model and corpus) and over the head's temp dir (so each node
+has its own session folder, as on separate machines), its own FLUID_CACHE_DIR and an unreachable
 package index. Every node is started with `--node-ip-address=127.0.0.1` and its own ports (the ray CLI
 advertises a loopback node address as the host's own address, which the kernel routes over the
 loopback device: nothing leaves the machine); all nodes and the CLI share one auth token (Ray 2.60
@@ -48,8 +49,7 @@ class Procs:
         self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
     def stop_all(self) -> None:
-        for _, p in reversed(self.procs):
-            _stop_tree(p.pid)
+        _stop_trees([p.pid for _, p in reversed(self.procs)])  # all at once: one grace period, not one each
         self.procs.clear()
 
 
@@ -61,14 +61,21 @@ def _session_of(p: psutil.Process) -> int | None:
 
 
 def _stop_tree(pid: int, grace: float = 10.0) -> None:
-    """Stop `pid` (started as a session leader) and every process of its session or below it: Ray's
-    agents re-parent to init, but keep the session id."""
-    family = [p for p in psutil.process_iter() if p.pid != os.getpid() and _session_of(p) == pid]
-    try:
-        root = psutil.Process(pid)
-        family += [c for c in root.children(recursive=True) if c not in family] + [root]
-    except psutil.NoSuchProcess:
-        pass
+    _stop_trees([pid], grace)
+
+
+def _stop_trees(pids: list[int], grace: float = 5.0) -> None:
+    """Stop each of `pids` (started as session leaders) and every process of their sessions or below
+    them: Ray's agents re-parent to init, but keep the session id."""
+    family: list[psutil.Process] = []
+    for pid in pids:
+        family += [p for p in psutil.process_iter() if p.pid != os.getpid() and _session_of(p) == pid
+                   and p not in family]
+        try:
+            root = psutil.Process(pid)
+            family += [c for c in [*root.children(recursive=True), root] if c not in family]
+        except psutil.NoSuchProcess:
+            pass
     if not family:
         return
     for p in family:
@@ -139,15 +146,17 @@ class LocalCluster:
         try:
             self._start_s3()
             self._start_head()
-            for i in range(self.n_workers):  # one at a time: a raylet must register within Ray's 30 s
-                for _ in range(3):
-                    p = self._start_worker(i)
-                    up = self._wait_worker(p, 2 + i)
-                    if up:
-                        break
-                    self.procs.stop_one(p)  # a start that timed out on a busy machine: try again
-                else:
-                    raise RuntimeError(f"worker node {i} did not start; see {self.logs}/worker{i}.log")
+            starting = {i: self._start_worker(i) for i in range(self.n_workers)}  # together (see env())
+            for _ in range(3):
+                up = self._wait_workers(starting, 1 + self.n_workers)
+                if up:
+                    break
+                for i, p in list(starting.items()):
+                    if p.poll() is not None:  # a start that failed on a busy machine: try again
+                        self.procs.stop_one(p)
+                        starting[i] = self._start_worker(i)
+            else:
+                raise RuntimeError(f"worker nodes did not start; see {self.logs}/worker*.log")
         except BaseException:
             self.procs.stop_all()
             raise
@@ -156,9 +165,9 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.procs.stop_all()
 
-    def _wait_worker(self, p: subprocess.Popen, nodes: int) -> bool:
-        end = time.time() + 120
-        while time.time() < end and p.poll() is None:
+    def _wait_workers(self, procs: dict[int, subprocess.Popen], nodes: int) -> bool:
+        end = time.time() + 180
+        while time.time() < end and all(p.poll() is None for p in procs.values()):
             with contextlib.suppress(Exception):
                 if self._alive_nodes() >= nodes:
                     return True
@@ -206,13 +215,24 @@ class LocalCluster:
         ray_cmd = [*RAY_START, f"--address=127.0.0.1:{self.gcs_port}",
                    f"--num-cpus={self.worker_cpus}", *self._ports(first), "--min-worker-port", str(first + 6),
                    "--max-worker-port", str(first + 19), *self._common()]
+        # the head's temp dir too: Ray hands the head's session folder to every node, and nodes on one
+        # machine would then share it — one node re-extracting a job's working_dir under another's feet
         mounts = " && ".join(f"mkdir -p {shlex.quote(str(h))} && mount -t tmpfs tmpfs {shlex.quote(str(h))}"
-                             for h in self.hide)
+                             for h in [*self.hide, self.temp_dir])
         script = f"{mounts} && exec {shlex.join(ray_cmd)}"
         self.worker_cache(i).mkdir(parents=True, exist_ok=True)
         return self.procs.start(f"worker{i}", ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                          self.env(FLUID_CACHE_DIR=str(self.worker_cache(i))), self.logs / f"worker{i}.log", append=True,
                          cwd=self.cwd)
+
+    def worker_sees(self, i: int, path: Path) -> bool:
+        """Whether worker node `i` (its `ray start` process, whose mount namespace every raylet, agent and
+        Ray worker of that node inherits) sees `path`."""
+        pid = next(p.pid for name, p in self.procs.procs if name == f"worker{i}")
+        out = subprocess.run(["nsenter", "-t", str(pid), "-m", "--", "test", "-e", str(path)], timeout=30)
+        if out.returncode not in (0, 1):
+            raise RuntimeError(f"nsenter into worker node {i} failed ({out.returncode})")
+        return out.returncode == 0
 
     def _alive_nodes(self) -> int:
         """Alive nodes, from the dashboard's State API (token-authenticated)."""
