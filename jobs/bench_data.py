@@ -17,6 +17,7 @@ Out: a table on stdout. Per variant, the median over interleaved repeats of: wal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actors", default="1,2", help="tokenizer actor counts to try, comma-separated")
     parser.add_argument("--repeat-corpus", type=int, default=1,
                         help="use the (bounded) train documents this many times (large sizes, where start-up is small)")
+    parser.add_argument("--parallelism", choices=("both", "false", "true"), default="both",
+                        help="TOKENIZERS_PARALLELISM values to try for the loop and the 1-actor Ray run "
+                             "(with 2 cores, 'false' halves the passes of a large run)")
     parser.add_argument("--json", help="write rows and goals as JSON here (fluid bench data: jobs/bench_report.py)")
     args, cfg = parse_job_args(parser, argv)
 
@@ -84,13 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fluid-bench-") as tmp:
         spec = ", ".join(cfg.data.corpus)
         bounded = args.max_docs is not None or args.max_tokens is not None or args.repeat_corpus > 1
+        cold_corpus = None  # the cold (first) Ray run only starts the workers: one copy is enough
         if bounded:  # the first train documents, one .txt file each, all of them in the train split
-            n_docs, _ = bounded_corpus(cfg, Path(tmp), args.max_docs, args.max_tokens, tokenizer)
-            for r in range(1, args.repeat_corpus):  # copies under new names: more documents, same text
+            base, every = Path(tmp) / "once", Path(tmp) / "all"
+            base.mkdir()
+            every.mkdir()
+            n_docs, _ = bounded_corpus(cfg, base, args.max_docs, args.max_tokens, tokenizer)
+            for r in range(args.repeat_corpus):  # copies under new names: more documents, same text
                 for i in range(n_docs):
-                    os.link(Path(tmp) / f"doc{i:05d}.txt", Path(tmp) / f"rep{r:03d}-doc{i:05d}.txt")
+                    os.link(base / f"doc{i:05d}.txt", every / f"rep{r:03d}-doc{i:05d}.txt")
             n_docs *= args.repeat_corpus
-            cfg.data.corpus, cfg.data.val_fraction, cfg.data.test_fraction = [tmp], 0.0, 0.0
+            cfg.data.corpus, cfg.data.val_fraction, cfg.data.test_fraction = [str(every)], 0.0, 0.0
+            cold_corpus = [str(base)] if args.repeat_corpus > 1 else None
         kw = dict(tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id)
         L = cfg.data.seq_len
 
@@ -100,17 +109,18 @@ def main(argv: list[str] | None = None) -> int:
             out = consume(data.iter_examples_local(cfg.data, cfg.noise, stats=stats, **kw), L)
             return out, stats.summary()
 
-        def ray_run(actors: int, par: bool):
+        def ray_run(actors: int, par: bool, corpus: list[str] | None = None):
             cfg.data.tokenizer_actors = actors
             stats = data.PipelineStats()
-            ds = data.build_dataset(cfg.data, cfg.noise, stats=stats, tokenizers_parallelism=par, **kw)
+            dc = dataclasses.replace(cfg.data, corpus=corpus) if corpus else cfg.data
+            ds = data.build_dataset(dc, cfg.noise, stats=stats, tokenizers_parallelism=par, **kw)
             out = consume(ds.iter_batches(batch_size=256, batch_format="numpy"), L)
             return out, stats.summary()
 
-        variants = {("single-process loop", "false"): lambda: local(False),
-                    ("single-process loop", "true"): lambda: local(True)}
+        pars = {"both": (False, True), "false": (False,), "true": (True,)}[args.parallelism]
+        variants = {("single-process loop", str(par).lower()): (lambda par=par: local(par)) for par in pars}
         for a in (int(x) for x in args.actors.split(",")):
-            for par in (False, True) if a == 1 else (False,):
+            for par in pars if a == 1 else (False,):
                 name = f"Ray Data, {a} tokenizer actor{'s' if a > 1 else ''}"
                 variants[(name, str(par).lower())] = (lambda a=a, par=par: ray_run(a, par))
 
@@ -121,14 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cold, summary = ray_run(1, False)
+        cold, summary = ray_run(1, False, cold_corpus)
         results: dict = {key: [] for key in variants}
         for _ in range(args.repeats):
             for key, fn in variants.items():
                 results[key].append(fn())
         load1 = os.getloadavg()
 
-    checksums = {r[0]["checksum"] for runs in results.values() for r in runs} | {cold["checksum"]}
+    checksums = {r[0]["checksum"] for runs in results.values() for r in runs}
+    if cold_corpus is None:
+        checksums.add(cold["checksum"])
+    summary = next(runs[0][1] for key, runs in results.items() if key[0].startswith("Ray"))
     tokens = summary["tokens"]
     med = {key: {m: statistics.median(r[0][m] for r in runs) for m in ("wall", "first")}
            for key, runs in results.items()}
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({tokens:,} tokens incl. EOS; {summary['sequences']:,} sequences of {L}, shuffle "
           f"{'on' if cfg.data.shuffle else 'off'}); tokenizer of {cfg.model.spec}; {os.cpu_count()} CPU cores; "
           f"load average {load0[0]:.1f} → {load1[0]:.1f}")
-    print(f"ray.init: {t_init:.1f} s; first (cold) Ray run: {cold['wall']:.1f} s — both excluded from the medians")
+    print(f"ray.init: {t_init:.1f} s; first (cold) Ray run{' (one copy of the corpus)' if cold_corpus else ''}: "
+          f"{cold['wall']:.1f} s — both excluded from the medians")
     print(f"medians of {args.repeats} interleaved runs; tokens/s = corpus tokens / wall time\n")
     steady = not cfg.data.shuffle  # with the shuffle, every row waits for the sort: no steady state
     head = f"{'pipeline':<32}{'TOKENIZERS_PARALLELISM':>24}{'wall s':>9}{'tokens/s':>11}{'1st batch s':>13}" \
