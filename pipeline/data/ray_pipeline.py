@@ -148,6 +148,9 @@ class _TokenizeStage:
         self.eos_id = eos_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # Units in plan order (unit ids ascend with (file, unit)): the actor pool may hand over a bundle
+        # of read blocks in the order they finished, and the rows' order decides the training batches.
+        batch = batch.sort_by("unit_id")
         done = tokenize_units(self.tokenizer, batch.column("texts").to_pylist(), self.eos_id)
         lengths = np.array([len(s) for s, _ in done], dtype=np.int64)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64())

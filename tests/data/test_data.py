@@ -303,3 +303,17 @@ def test_preprocess_help():
     res = subprocess.run([sys.executable, "-m", "jobs.preprocess", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert res.returncode == 0 and "--output" in res.stdout and "Parquet" in res.stdout
+
+
+def test_tokenize_stage_restores_plan_order_of_a_bundle(tiny):
+    """Ray Data may bundle read blocks in the order they finished; the tokenizer stage puts the units
+    back in plan order, so the rows (and the training batches built from them) never depend on timing."""
+    stage = data._TokenizeStage(str(tiny[0]), eos_id=1, parallelism=False)
+    texts = {3 << 40: "the cat", 1 << 40: "a dog runs", 2 << 40: "the quick brown fox"}
+    shuffled = pa.table({"unit_id": pa.array(list(texts), pa.int64()), "texts": pa.array([[t] for t in texts.values()])})
+    out = stage(shuffled)
+    ids = sorted(texts)
+    assert out.column("unit_id").to_pylist() == ids
+    one_by_one = [stage(pa.table({"unit_id": pa.array([u], pa.int64()), "texts": pa.array([[texts[u]]])}))
+                  for u in ids]
+    assert out.column("tokens").to_pylist() == [t.column("tokens").to_pylist()[0] for t in one_by_one]
