@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cold, summary = ray_run(1, False, cold_corpus)
+        cold, _ = ray_run(1, False, cold_corpus)
         results: dict = {key: [] for key in variants}
         for _ in range(args.repeats):
             for key, fn in variants.items():

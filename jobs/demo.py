@@ -112,12 +112,11 @@ class Demo:
     # --- bookkeeping ------------------------------------------------------------------------------
     def fingerprint(self, stage: str) -> str:
         d = self.cfg.to_dict()
-        keys = {"data": ("model", "data", "noise"), "drafts": ("demo",), "adapt": ("train",),
-                "horizon": ("horizon",), "evaluate": ("eval",)}
+        keys = {"data": ("model", "data", "noise"), "adapt": ("train",), "horizon": ("horizon",),
+                "evaluate": ("eval",)}
         upto = STAGES[: STAGES.index(stage) + 1]
         parts = {k: d[k] for s in upto for k in keys.get(s, ())}
-        parts.pop("demo", None)  # the budget alone does not invalidate stages; the recipe does, from stage 2 on
-        if "drafts" in upto:
+        if "drafts" in upto:  # the recipe invalidates from stage 2 on; the budget alone invalidates nothing
             parts["demo"] = {"drafts": d["demo"]["drafts"]}
             if d["demo"]["drafts"] != "natural":
                 parts["distill"] = d["distill"]

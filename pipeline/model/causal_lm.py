@@ -14,6 +14,7 @@ additive float form — a boolean mask there would silently add 1.0 / 0.0 instea
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -196,10 +197,15 @@ def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
 
 def cache_kwarg(model) -> str:
     """The keyword `model.forward` takes the KV cache by: transformers 5.x renamed `past_key_values`
-    to `cache` (the old name is deprecated)."""
+    to `cache` (the old name is deprecated). Looked up once per model class (the training step calls it)."""
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def clean_prefix_len(span_id: torch.Tensor) -> int | None:

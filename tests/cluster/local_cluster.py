@@ -45,7 +45,7 @@ class Procs:
         return p
 
     def stop_one(self, proc: subprocess.Popen) -> None:
-        _stop_tree(proc.pid)
+        _stop_trees([proc.pid])
         self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
     def stop_all(self) -> None:
@@ -60,22 +60,16 @@ def _session_of(p: psutil.Process) -> int | None:
         return None
 
 
-def _stop_tree(pid: int, grace: float = 10.0) -> None:
-    _stop_trees([pid], grace)
-
-
 def _stop_trees(pids: list[int], grace: float = 5.0) -> None:
     """Stop each of `pids` (started as session leaders) and every process of their sessions or below
-    them: Ray's agents re-parent to init, but keep the session id."""
-    family: list[psutil.Process] = []
+    them, with one grace period for all: Ray's agents re-parent to init, but keep the session id."""
+    sessions = set(pids)
+    family = {p for p in psutil.process_iter() if p.pid != os.getpid() and _session_of(p) in sessions}
     for pid in pids:
-        family += [p for p in psutil.process_iter() if p.pid != os.getpid() and _session_of(p) == pid
-                   and p not in family]
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(pid)
-            family += [c for c in [*root.children(recursive=True), root] if c not in family]
-        except psutil.NoSuchProcess:
-            pass
+            family.update([*root.children(recursive=True), root])
+    family = list(family)
     if not family:
         return
     for p in family:
