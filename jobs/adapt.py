@@ -4,7 +4,7 @@ Checks the configuration before any worker starts (sequence length vs the model'
 batch divisibility, data present, storage writable, causal-LM head), resolves the model, preprocesses
 the corpus into Parquet shards under the run folder with Ray Data (unless `data.preprocessed` names
 shards; reused on re-submission), and runs `TorchTrainer`: each worker streams its share of the shards
-(seeded block order per epoch, bounded shuffle window). Sharded DCP checkpoints every
+(seeded span order per epoch, bounded shuffle window). Sharded DCP checkpoints every
 `train.checkpoint_every` steps (the last `train.keep_checkpoints` kept) go under
 `<train.storage_path>/<train.run_name>` (a path every node sees, or `s3://` / `gs://`). Re-submitting
 the same command with the same run name resumes from the last checkpoint; worker failures are retried

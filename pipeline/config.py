@@ -63,7 +63,7 @@ class DataConfig:
     distill_mix: float = 0.5
     """With data.distilled: share of training examples that are distilled; the rest stay natural text."""
     shuffle_buffer: int = 4096
-    """Training reads shards in a seeded block order per epoch and shuffles rows within windows of this
+    """Training reads shards in a seeded order of 256-row spans per epoch and shuffles rows within windows of this
     many rows (memory per worker: about this many rows)."""
 
 

@@ -7,11 +7,14 @@ In:  the shards written by `fluid preprocess` (or by `fluid adapt` itself; any f
 Out: `ShardReader.batches(start)` → dicts of torch tensors, this worker's rows of global micro-batch
      start, start + 1, … (endless: epoch after epoch).
 
-The global order is a pure function of (blocks, seed): global row g lies in epoch e = g // N at
-position p = g % N. Each epoch takes the blocks in a seeded order, and permutes rows within windows
-of `shuffle_buffer` consecutive positions (a bounded shuffle: a row moves at most one window). So the
-order depends neither on the number of workers nor on how far a run got, and resuming at micro-batch
-i just computes rows from g = i·M on — nothing consumed is read again.
+The global order is a pure function of (N rows in storage order, seed): global row g lies in epoch
+e = g // N at position p = g % N. The storage rows are cut into *spans* of SPAN_ROWS consecutive rows;
+each epoch takes the spans in a seeded order, and permutes rows within windows of `shuffle_buffer`
+consecutive positions (a bounded shuffle: a row moves at most one window). So the order depends
+neither on the number of workers nor on how far a run got, nor on how the writer happened to cut the
+rows into files and row groups (Ray Data's block sizes vary with timing and with the number of
+tokenizer actors; spans do not), and resuming at micro-batch i just computes rows from g = i·M on —
+nothing consumed is read again. The physical row groups are only the unit of reading.
 
 Global micro-batch i is the rows g ∈ [i·M, (i+1)·M). Its rows are sorted by storage position and
 worker r takes the r-th contiguous slice: the *set* of rows of each step (and so the gradient, up to
@@ -32,6 +35,7 @@ import numpy as np
 from pipeline.errors import FluidError
 
 ROW_GROUP_ROWS = 256  # rows per Parquet row group written for training: the unit each worker reads
+SPAN_ROWS = 256  # rows per span, the unit of the seeded per-epoch order (independent of the row groups)
 
 
 @dataclass(frozen=True)
@@ -69,18 +73,22 @@ def list_blocks(path: str) -> list[Block]:
 
 
 class GlobalOrder:
-    """Global row index g → (block, row in block): seeded block order per epoch, window shuffle."""
+    """Global row index g → (epoch, storage row): seeded span order per epoch, then a window shuffle."""
 
-    def __init__(self, rows_per_block: list[int], *, seed: int, shuffle: bool, window: int):
+    def __init__(self, n_rows: int, *, seed: int, shuffle: bool, window: int, span: int = SPAN_ROWS):
         if window < 1:
             raise FluidError(f"data.shuffle_buffer must be ≥ 1, got {window}")
-        self.rows = np.asarray(rows_per_block, dtype=np.int64)
-        self.n = int(self.rows.sum())
+        if span < 1:
+            raise FluidError(f"span must be ≥ 1, got {span}")
+        self.n = int(n_rows)
+        self.rows = np.array([span] * (self.n // span) + ([self.n % span] if self.n % span else []), dtype=np.int64)
+        self.span_starts = np.arange(len(self.rows), dtype=np.int64) * span  # first storage row of each span
         self.seed, self.shuffle, self.window = seed, shuffle, window
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
         self._windows: dict[tuple[int, int], np.ndarray] = {}
 
-    def _blocks_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _spans_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(span order, first epoch position of each span in that order) of one epoch."""
         if self._epoch is None or self._epoch[0] != epoch:
             order = (np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(len(self.rows)) if self.shuffle
                      else np.arange(len(self.rows)))
@@ -95,25 +103,20 @@ class GlobalOrder:
                                          if self.shuffle else np.arange(size))
         return self._windows[(epoch, w)]
 
-    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(epoch, position in the epoch's block stream, block index) of global rows `g`."""
+    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, storage row) of global rows `g`."""
         g = np.asarray(g, dtype=np.int64)
         epoch, p = g // self.n, g % self.n
-        q = np.empty_like(p)
-        block = np.empty_like(p)
+        row = np.empty_like(p)
         for e in np.unique(epoch):
-            order, starts = self._blocks_of(int(e))
+            order, starts = self._spans_of(int(e))
             sel = epoch == e
             w = p[sel] // self.window
-            qs = np.array([w_ * self.window + self._perm(int(e), int(w_))[pp - w_ * self.window]
-                           for w_, pp in zip(w, p[sel], strict=True)], dtype=np.int64)
-            q[sel] = qs
-            block[sel] = order[np.searchsorted(starts, qs, side="right") - 1]
-        return epoch, q, block
-
-    def offset_in_block(self, epoch: int, q: int, block: int) -> int:
-        order, starts = self._blocks_of(epoch)
-        return int(q - starts[int(np.flatnonzero(order == block)[0])])
+            q = np.array([w_ * self.window + self._perm(int(e), int(w_))[pp - w_ * self.window]
+                          for w_, pp in zip(w, p[sel], strict=True)], dtype=np.int64)  # position after the shuffle
+            slot = np.searchsorted(starts, q, side="right") - 1  # which span of the epoch's order
+            row[sel] = self.span_starts[order[slot]] + (q - starts[slot])
+        return epoch, row
 
 
 def _to_numpy(column) -> np.ndarray:
@@ -132,28 +135,32 @@ class ShardReader:
     """This worker's rows of each global micro-batch, read block by block (see module docstring)."""
 
     def __init__(self, blocks: list[Block], *, micro_global: int, rank: int, world: int, seed: int = 0,
-                 shuffle: bool = True, window: int = 4096, columns: list[str] | None = None):
+                 shuffle: bool = True, window: int = 4096, columns: list[str] | None = None,
+                 span: int = SPAN_ROWS):
         if micro_global % world:
             raise FluidError(f"global micro-batch {micro_global} is not divisible by {world} workers")
         self.blocks, self.columns = blocks, columns
-        self.order = GlobalOrder([b.rows for b in blocks], seed=seed, shuffle=shuffle, window=window)
+        self.order = GlobalOrder(sum(b.rows for b in blocks), seed=seed, shuffle=shuffle, window=window, span=span)
+        self.block_starts = np.concatenate([[0], np.cumsum([b.rows for b in blocks])])  # first storage row of each
         if self.order.n < micro_global:
             raise FluidError(f"the training shards hold {self.order.n} rows, fewer than one global micro-batch "
                              f"({micro_global}): add data or lower train.global_batch_size")
         self.m, self.rank, self.world = micro_global, rank, world
         self.per_rank = micro_global // world
         self.cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self.cache_limit = window + max(b.rows for b in blocks)
+        # a window's rows lie in at most window/span + 1 spans, each straddling at most two row groups
+        self.cache_limit = window + span + 2 * max(b.rows for b in blocks)
         self.blocks_read = 0  # instrumentation for tests and the benchmark
         self.max_cached_rows = 0
 
-    def rows_of(self, i: int) -> list[tuple[int, int, int]]:
-        """(epoch, position, block) of this worker's rows of global micro-batch i, in storage order."""
+    def rows_of(self, i: int) -> list[tuple[int, int]]:
+        """(row group, row in it) of this worker's rows of global micro-batch i, in storage order."""
         g = np.arange(i * self.m, (i + 1) * self.m, dtype=np.int64)
-        epoch, q, block = self.order.locate(g)
-        order = np.lexsort((q, epoch))
-        take = order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return [(int(epoch[j]), int(q[j]), int(block[j])) for j in take]
+        epoch, row = self.order.locate(g)
+        order = np.lexsort((row, epoch))
+        take = row[order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]]
+        block = np.searchsorted(self.block_starts, take, side="right") - 1
+        return [(int(b), int(r - self.block_starts[b])) for b, r in zip(block, take, strict=True)]
 
     def _block(self, b: int) -> dict[str, np.ndarray]:
         if b in self.cache:
@@ -176,9 +183,8 @@ class ShardReader:
     def micro_batch(self, i: int) -> dict[str, np.ndarray]:
         """This worker's rows of global micro-batch i as NumPy arrays (one row per example)."""
         parts: dict[str, list[np.ndarray]] = {}
-        for epoch, q, b in self.rows_of(i):
+        for b, off in self.rows_of(i):
             cols = self._block(b)
-            off = self.order.offset_in_block(epoch, q, b)
             for c, v in cols.items():
                 parts.setdefault(c, []).append(v[off])
         return {c: np.stack(v) for c, v in parts.items()}

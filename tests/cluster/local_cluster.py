@@ -104,6 +104,7 @@ class LocalCluster:
         self.root, self.hide, self.base, self.n_workers, self.worker_cpus = root, hide, base_port, workers, worker_cpus
         self.cwd = cwd
         self.procs = Procs()
+        self.timings: dict[str, float] = {}  # seconds per phase, printed by the test
         self.token = secrets.token_hex(16)
         self.s3_port = base_port + 1
         self.gcs_port = base_port + 10
@@ -137,9 +138,11 @@ class LocalCluster:
 
     # --- start ------------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
+        t0 = time.time()
         try:
             self._start_s3()
             self._start_head()
+            self.timings["start head + S3"] = time.time() - t0
             starting = {i: self._start_worker(i) for i in range(self.n_workers)}  # together (see env())
             for _ in range(3):
                 up = self._wait_workers(starting, 1 + self.n_workers)
@@ -151,6 +154,7 @@ class LocalCluster:
                         starting[i] = self._start_worker(i)
             else:
                 raise RuntimeError(f"worker nodes did not start; see {self.logs}/worker*.log")
+            self.timings["start cluster"] = time.time() - t0
         except BaseException:
             self.procs.stop_all()
             raise
@@ -242,7 +246,9 @@ class LocalCluster:
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id",
                f"{name}-{secrets.token_hex(3)}", "--runtime-env", "cluster/runtime_env.yaml", "--",
                "python", "-m", *args]
+        t0 = time.time()
         proc = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, cwd=self.cwd)
+        self.timings[f"job {name}"] = time.time() - t0
         (self.logs / f"job-{name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise AssertionError(f"job {name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")

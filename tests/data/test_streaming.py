@@ -24,6 +24,7 @@ def shards(tmp_path):
 
 
 def _readers(blocks, world, **kw):
+    kw.setdefault("span", 10)
     return [ShardReader(blocks, micro_global=12, rank=r, world=world, seed=3, window=40, **kw) for r in range(world)]
 
 
@@ -53,9 +54,9 @@ def test_every_epoch_is_a_seeded_permutation_of_all_rows(shards):
     assert not np.array_equal(e0, np.arange(N))  # shuffled
     (again,) = _readers(shards, 1)
     assert np.array_equal(np.concatenate([again.micro_batch(i)["seq_index"] for i in range(25)]), stream)
-    (other_seed,) = [ShardReader(shards, micro_global=12, rank=0, world=1, seed=4, window=40)]
+    (other_seed,) = [ShardReader(shards, micro_global=12, rank=0, world=1, seed=4, window=40, span=10)]
     assert not np.array_equal(other_seed.micro_batch(0)["seq_index"], reader.micro_batch(0)["seq_index"])
-    # the shuffle is bounded: a row moves within its window of 40 positions of the epoch's block order
+    # the shuffle is bounded: a row moves within its window of 40 positions of the epoch's span order
     unshuffled = ShardReader(shards, micro_global=12, rank=0, world=1, shuffle=False)
     assert np.array_equal(np.concatenate([unshuffled.micro_batch(i)["seq_index"] for i in range(12)]),
                           np.arange(144))
@@ -81,9 +82,27 @@ def test_each_worker_reads_about_its_share_with_bounded_memory(shards):
     reads = [r.blocks_read for r in readers]
     assert all(n < len(shards) for n in reads), reads  # neither worker reads every block
     assert sum(reads) <= len(shards) + 2 * 4, reads  # ≈ one read per block, plus window-boundary blocks
-    assert all(r.max_cached_rows <= 40 + 10 for r in readers)  # one window + one block
+    assert all(r.max_cached_rows <= 40 + 10 + 2 * 10 for r in readers)  # a window + a span + two row groups
 
 
 def test_too_few_rows_for_a_micro_batch_is_an_error(shards):
     with pytest.raises(FluidError, match="fewer than one global micro-batch"):
         ShardReader(shards[:1], micro_global=12, rank=0, world=1)
+
+
+def test_the_order_depends_on_the_rows_not_on_how_they_were_cut_into_files(shards, tmp_path):
+    """Ray Data's block sizes vary with timing and tokenizer actors: the same rows, cut differently
+    (one file, row groups of 7), must give every worker the same batches."""
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted({b.file for b in shards})])
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(rows.slice(0, 101), other / "part-0.parquet", row_group_size=7)
+    pq.write_table(rows.slice(101), other / "part-1.parquet", row_group_size=13)
+    recut = list_blocks(str(other))
+    assert [b.rows for b in recut] != [b.rows for b in shards]
+    for span in (10, 32, 256):
+        a, b = _readers(shards, 1, span=span), _readers(recut, 2, span=span)
+        for i in range(20):  # 1.6 epochs
+            assert np.array_equal(np.sort(_global(a, i)[0]), np.sort(_global(b, i)[0])), (span, i)
+    # the span is part of the order: another span is another (equally valid) order
+    assert not np.array_equal(_global(_readers(shards, 1, span=10), 0)[0], _global(_readers(shards, 1, span=32), 0)[0])
