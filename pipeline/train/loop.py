@@ -146,11 +146,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _maybe_inject_failure(cfg: FluidConfig, run_files, step: int, rank: int) -> None:
-    """`train.fail_at_step`: fail once at that step (a marker file in the run folder), to test recovery."""
-    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or run_files.has(".failed_once"):
+    """`train.fail_at_step`: fail once at that step (a marker file per step in the run folder), to test
+    recovery; a re-submission with another `fail_at_step` fails once more, at that step."""
+    marker = f".failed_at_{step}"
+    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step or run_files.has(marker):
         return
     if rank == 0:
-        run_files.put(".failed_once", str(step))
+        run_files.put(marker, str(step))
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 

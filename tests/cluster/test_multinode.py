@@ -3,10 +3,10 @@
 Head (num_cpus=0) + two worker nodes, each in its own mount namespace with an empty tmpfs over the
 driver's caches and the test's model and corpus folders, its own FLUID_CACHE_DIR and an unreachable
 package index; all storage on a moto S3 server on 127.0.0.1. `ray job submit`: preprocess → adapt
-(2 workers, one per node; a worker fails once and the run resumes from its checkpoint in S3) → export
-→ fit-horizon; then the export is served from s3:// (proxy on the head only) and answers
-one completion. (Re-submitting a run with the same name resumes: tests/train/test_train.py, the same
-code path without the cluster's start-up cost.) Needs root (mount namespaces): under CI=true it fails instead of skipping.
+(2 workers, one per node, checkpoints in S3) → export (of the last S3 checkpoint) → fit-horizon; then
+the export is served from s3:// (proxy on the head only) and answers one completion. (Resuming — a
+re-submitted run, and in-run recovery after a worker failure — is tested in tests/train/test_train.py:
+the same code path without the cluster's start-up cost.) Needs root (mount namespaces): under CI=true it fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -86,12 +86,10 @@ def test_pipeline_on_nodes_that_share_only_object_storage(cluster):
     adapt = ["jobs.adapt", *_common(c), f"--data.preprocessed=s3://{c.bucket}/shards", "--train.workers=2",
              "--train.cpus_per_worker=2", "--train.global_batch_size=4", "--train.checkpoint_every=1",
              "--train.run_name=mn", "--train.eval_batches=1", "--train.warmup_steps=1"]
-    # a worker fails after step 1's checkpoint; the run resumes from that checkpoint in S3
     # (no held-out split here: evaluation across ranks is tests/train/test_train.py's, and each Ray Data
-    # start costs ~15 s on 2 cores)
-    log = c.submit("adapt", [*adapt, "--train.max_steps=2", "--train.fail_at_step=1", "--train.max_failures=1",
-                             "--data.val_fraction=0"])
-    assert "resumed from checkpoint at step 1" in log
+    # start costs ~15 s on 2 cores; so is resuming from a checkpoint — a failure and its recovery cost a
+    # second worker-group start, ~25 s — while the export job below loads the S3 checkpoint)
+    c.submit("adapt", [*adapt, "--train.max_steps=2", "--data.val_fraction=0"])
     metrics = [json.loads(line) for line in s3.cat_file(f"{c.bucket}/runs/mn/metrics.jsonl").decode().splitlines()]
     assert [m["step"] for m in metrics if "event" not in m] == [1, 2]
     staged = s3.glob(f"{c.bucket}/runs/.fluid/models/*/manifest.json")

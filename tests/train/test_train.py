@@ -83,15 +83,17 @@ def test_resubmitted_run_on_two_workers_matches_uninterrupted(ray_local, tmp_pat
     assert all(0 <= m["data_wait_share"] <= 1 and m["tokens_per_s"] > 0 for m in base_metrics if "event" not in m)
 
     # a job that died (no retries left) and is submitted again with the same run name resumes from its
-    # last checkpoint — here on two workers: the 1-worker DCP checkpoint re-shards, and the same global
-    # batches make the same weights up to reduction order (in-run recovery, train.max_failures > 0:
-    # tests/cluster/test_multinode.py)
+    # last checkpoint — here on two workers: the 1-worker DCP checkpoint re-shards — and a worker that
+    # fails inside the re-submitted run (train.max_failures=1) is recovered from step 3's checkpoint in
+    # the same run. The same global batches make the same weights up to reduction order.
     with pytest.raises(Exception, match="injected failure at step 2"):
         _run(tmp_path, "resubmitted", tiny_resolved, corpus, "--train.fail_at_step=2", "--train.max_failures=0")
-    assert (tmp_path / "runs" / "resubmitted" / ".failed_once").read_text() == "2"  # the failure did happen
-    again, again_metrics, _ = _run(tmp_path, "resubmitted", tiny_resolved, corpus, "--train.fail_at_step=2",
-                                   "--train.max_failures=0", "--train.workers=2", "--train.eval_decode_prompts=3")
-    assert [m["step"] for m in again_metrics if "event" not in m] == [1, 2, 3, 4]  # 1–2 first, 3–4 resumed
+    assert (tmp_path / "runs" / "resubmitted" / ".failed_at_2").read_text() == "2"  # the failure did happen
+    again, again_metrics, _ = _run(tmp_path, "resubmitted", tiny_resolved, corpus, "--train.fail_at_step=3",
+                                   "--train.max_failures=1", "--train.workers=2", "--train.eval_decode_prompts=3")
+    assert (tmp_path / "runs" / "resubmitted" / ".failed_at_3").read_text() == "3"  # and so did the in-run one
+    # 1–2 first, 3 re-submitted, 4 after the in-run recovery (metrics.jsonl keeps one copy of each step)
+    assert [m["step"] for m in again_metrics if "event" not in m] == [1, 2, 3, 4]
     # the same batches give the same losses step by step (a mismatch names the first step that differs)
     losses = [m["loss"] for m in again_metrics if "event" not in m]
     assert losses == pytest.approx([m["loss"] for m in base_metrics if "event" not in m], rel=1e-4)
