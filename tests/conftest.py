@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub in tests: offline errors come at once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models train in milliseconds per step and the tests checkpoint every step: each checkpoint report
+# waits for the Ray Train controller's next poll (2 s by default), and so does the end of every run.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 WORDS = ("the quick brown fox jumps over lazy dog and a cat sat on mat it was bright cold day in "
          "april clocks were striking thirteen to be or not that is question . , ! ?").split()

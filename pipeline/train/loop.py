@@ -4,8 +4,8 @@ In:  the `FluidConfig` (as a dict), the model folder (or its staged URL: each no
      copy) and mask id, `train_blocks` — the row groups of the training shards, of which each worker
      streams its share (pipeline/data/streaming.py) — and optionally a Ray Dataset `validation`.
 Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, data-wait share) to
-     `ray.train.report` and to `<run_dir>/metrics.jsonl`; sharded DCP checkpoints every
-     `train.checkpoint_every` steps; a Hugging Face export at the end.
+     `<run_dir>/metrics.jsonl` (to `ray.train.report` with each checkpoint and every REPORT_EVERY_S);
+     sharded DCP checkpoints every `train.checkpoint_every` steps; a Hugging Face export at the end.
 
 The parts, each small: model set-up (`pipeline.model`), optimizer (`optim`), one step and the
 held-out evaluation (`step`, no Ray), metrics (`metrics`), checkpoints and resume (`checkpoint`),
@@ -29,6 +29,12 @@ from pipeline.train.decode_eval import held_out_verify
 from pipeline.train.metrics import MetricsLog, quiet_ray_train, say, scalars
 from pipeline.train.optim import plan_total_steps
 from pipeline.train.step import agree, evaluate, local_batches, train_step, world
+
+# Metrics-only reports to Ray Train (every step is in metrics.jsonl): a report waits until the Ray Train
+# controller collects the previous one (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
+# default), so reporting every step would cap training at one step per poll — on a GPU, where a small
+# model's step takes ~0.1 s, a 20x slow-down. Checkpoint reports follow train.checkpoint_every.
+REPORT_EVERY_S = 30.0
 
 
 def build_training(cfg: FluidConfig, loop_config: dict):
@@ -113,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 world=world_size, skip=start_step * cfg.train.grad_accum, device=device,
                                 mode=cfg.noise.mode)
     t_start = time.time() - float(state.get("elapsed_s", 0.0))
+    last_report = time.time()
     step = start_step
     model.train()
     while step < cfg.train.max_steps:
@@ -126,12 +133,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 say(f"[fluid] the time budget allows ~{total} steps: the learning rate decays over them")
         log.write(metrics)
         budget = cfg.train.time_budget_s
-        out_of_time = agree(budget is not None and metrics["elapsed_s"] >= budget, device)
+        out_of_time, report_due = agree(budget is not None and metrics["elapsed_s"] >= budget,
+                                        time.time() - last_report >= REPORT_EVERY_S, device=device)
         if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time:
             report_checkpoint(model, optimizer, scheduler, step, metrics, cfg)
             run_files.sync()
-        else:
+            last_report = time.time()
+        elif report_due:
             ray.train.report(scalars(metrics))
+            last_report = time.time()
         _maybe_inject_failure(cfg, run_files, step, rank)
         if out_of_time:
             if rank == 0:

@@ -31,13 +31,14 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def agree(flag: bool, device) -> bool:
-    """All ranks take rank 0's decision (time budgets must not diverge across workers)."""
+def agree(*flags: bool, device) -> tuple[bool, ...]:
+    """All ranks take rank 0's decisions (clock-based choices must not diverge across workers); one
+    broadcast for all flags."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.broadcast(t, src=0)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def rank_slice(batch: dict, *, rank: int, world_size: int, mode: str, device) -> dict[str, torch.Tensor]:

@@ -125,6 +125,7 @@ class LocalCluster:
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
             "PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_NO_INDEX": "", "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # tiny steps: see tests/conftest.py
             # three nodes' agents start at once on 2 cores: Ray's 60 s start-up waits are too short there
             "RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
         })
