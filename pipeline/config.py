@@ -126,7 +126,7 @@ class TrainConfig:
     """Clean tokens of a validation row used as the evaluation prompt."""
     cpus_per_worker: int = 2
     verbose: bool = False
-    """Show Ray Train's own per-step logs (every reported metrics dict, on every rank); off: one
+    """Show Ray Train's own logs (every reported metrics dict — each checkpoint and every 30 s — on every rank); off: one
     `[fluid]` progress line every 10 steps."""
     fail_at_step: int | None = None
     """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
