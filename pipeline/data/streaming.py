@@ -81,8 +81,9 @@ class GlobalOrder:
         if span < 1:
             raise FluidError(f"span must be ≥ 1, got {span}")
         self.n = int(n_rows)
-        self.rows = np.array([span] * (self.n // span) + ([self.n % span] if self.n % span else []), dtype=np.int64)
-        self.span_starts = np.arange(len(self.rows), dtype=np.int64) * span  # first storage row of each span
+        self.span_sizes = np.array([span] * (self.n // span) + ([self.n % span] if self.n % span else []),
+                                   dtype=np.int64)
+        self.span_starts = np.arange(len(self.span_sizes), dtype=np.int64) * span  # first storage row of each
         self.seed, self.shuffle, self.window = seed, shuffle, window
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
         self._windows: dict[tuple[int, int], np.ndarray] = {}
@@ -90,9 +91,9 @@ class GlobalOrder:
     def _spans_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(span order, first epoch position of each span in that order) of one epoch."""
         if self._epoch is None or self._epoch[0] != epoch:
-            order = (np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(len(self.rows)) if self.shuffle
-                     else np.arange(len(self.rows)))
-            starts = np.concatenate([[0], np.cumsum(self.rows[order])])
+            order = (np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(len(self.span_sizes))
+                     if self.shuffle else np.arange(len(self.span_sizes)))
+            starts = np.concatenate([[0], np.cumsum(self.span_sizes[order])])
             self._epoch, self._windows = (epoch, order, starts), {}
         return self._epoch[1], self._epoch[2]
 

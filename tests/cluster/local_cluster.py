@@ -144,6 +144,7 @@ class LocalCluster:
             self._start_s3()
             self._start_head()
             self.timings["start head + S3"] = time.time() - t0
+            t0 = time.time()
             starting = {i: self._start_worker(i) for i in range(self.n_workers)}  # together (see env())
             for _ in range(3):
                 up = self._wait_workers(starting, 1 + self.n_workers)
@@ -155,7 +156,7 @@ class LocalCluster:
                         starting[i] = self._start_worker(i)
             else:
                 raise RuntimeError(f"worker nodes did not start; see {self.logs}/worker*.log")
-            self.timings["start cluster"] = time.time() - t0
+            self.timings["start worker nodes"] = time.time() - t0
         except BaseException:
             self.procs.stop_all()
             raise
