@@ -4,7 +4,8 @@ Checks the configuration before any worker starts (sequence length vs the model'
 batch divisibility, data present, storage writable, causal-LM head), resolves the model, preprocesses
 the corpus into Parquet shards under the run folder with Ray Data (unless `data.preprocessed` names
 shards; reused on re-submission), and runs `TorchTrainer`: each worker streams its share of the shards
-(seeded span order per epoch, bounded shuffle window). Sharded DCP checkpoints every
+(seeded span order per epoch, bounded shuffle window); the few held-out rows evaluation reads go to
+every worker whole, by object reference. Sharded DCP checkpoints every
 `train.checkpoint_every` steps (the last `train.keep_checkpoints` kept) go under
 `<train.storage_path>/<train.run_name>` (a path every node sees, or `s3://` / `gs://`). Re-submitting
 the same command with the same run name resumes from the last checkpoint; worker failures are retried
@@ -128,23 +129,26 @@ def run_training(cfg: FluidConfig, resolved, storage: str, *, ray_address: str |
 def build_training_datasets(cfg: FluidConfig, resolved, stage_root: str | None = None) -> dict:
     """`train_blocks`: the row groups of the training shards (`data.preprocessed`, or the corpus
     preprocessed here into `<run>/data/train`, reused by a re-submitted run), which every worker streams
-    its share of (pipeline/data/streaming.py); `validation`: a materialized Ray Dataset, if any."""
+    its share of (pipeline/data/streaming.py); `validation`: the held-out rows evaluation reads
+    (`train.eval_batches` global micro-batches, and the first `train.eval_decode_prompts` rows as
+    decoding prompts), as `Rows` every worker gets whole, if there are any."""
     import dataclasses
 
     from jobs.train_data import prepare_train_shards
-    from pipeline.data.ray_pipeline import build_dataset
+    from pipeline.data.ray_pipeline import build_dataset, collect_rows
     from pipeline.data.streaming import list_blocks
 
     path = cfg.data.preprocessed or prepare_train_shards(cfg, resolved, run_dir(cfg), stage_root=stage_root)
     out: dict = {"train_blocks": [dataclasses.asdict(b) for b in list_blocks(path)]}
+    t = cfg.train
+    needed = max(t.eval_batches * (t.global_batch_size // t.grad_accum), t.eval_decode_prompts)
     try:
         val = build_dataset(cfg.data, cfg.noise, tokenizer_path=str(resolved.path),
                             mask_token_id=resolved.mask_token_id, split="validation", epoch=0,
                             cache_dir=cfg.model.cache_dir, stage_root=stage_root)
-        val = val.select_columns(batch_columns(cfg)).materialize()
-        if val.count() > 0:
-            val.context.enable_progress_bars = False  # workers iterate materialized rows
-            out["validation"] = val
+        rows = collect_rows(val.select_columns(batch_columns(cfg)), needed)
+        if rows is not None:
+            out["validation"] = rows
     except FluidError as e:
         print(f"[fluid] no validation data ({e}); skipping held-out evaluation", file=sys.stderr)
     return out
@@ -166,7 +170,8 @@ def batch_columns(cfg: FluidConfig) -> list[str]:
 
 def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str | None = None) -> dict:
     """Run the TorchTrainer on prepared datasets; resumes if the run folder holds a checkpoint."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
@@ -176,8 +181,9 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
     loop_config = {
         "fluid": cfg.to_dict(), "model_path": model_ref or str(resolved.path), "mask_token_id": resolved.mask_token_id,
         "base_sha256": resolved.meta.get("sha256"), "run_dir": run, "export_dir": export_dir,
-        "has_validation": "validation" in datasets, "eval_batches": cfg.train.eval_batches,
-        "threads": cfg.train.cpus_per_worker, "train_blocks": datasets.get("train_blocks"),
+        "validation": ray.put(datasets["validation"]) if "validation" in datasets else None,
+        "eval_batches": cfg.train.eval_batches, "threads": cfg.train.cpus_per_worker,
+        "train_blocks": datasets.get("train_blocks"),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -185,8 +191,6 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets={k: v for k, v in datasets.items() if k != "train_blocks"},  # training input streams from shards
-        dataset_config=DataConfig(datasets_to_split=[]),  # validation: every worker reads the same rows
         run_config=RunConfig(
             name=cfg.train.run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),

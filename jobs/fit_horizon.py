@@ -59,12 +59,13 @@ def _main(cfg, target: str, export: Path, meta: dict) -> int:
 def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     """Fit the head for the local export folder `export` and write it there and to `target` (default:
     `export`; a URL gets the two changed files uploaded)."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.adapt import check_storage
     from pipeline.batch import COLUMNS
-    from pipeline.data.ray_pipeline import build_dataset, init_ray
+    from pipeline.data.ray_pipeline import build_dataset, collect_rows, init_ray
     from pipeline.sources.staging import stage_folder
     from pipeline.train.cluster import stage_root
 
@@ -77,14 +78,13 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     data = dataclasses.replace(cfg.data, shuffle=True, seed=cfg.horizon.seed)
     ds = build_dataset(data, noise, tokenizer_path=str(export), mask_token_id=int(meta["mask_token_id"]),
                        split="validation", epoch=0, cache_dir=cfg.model.cache_dir, stage_root=root)
-    ds = ds.limit(cfg.horizon.examples).select_columns(
-        list(COLUMNS)).materialize()
-    if ds.count() == 0:
+    rows = collect_rows(ds.select_columns(list(COLUMNS)), cfg.horizon.examples)
+    if rows is None:
         raise FluidError("the validation split has no sequences to fit the horizon head on")
-    trainer = TorchTrainer(
-        _loop, train_loop_config={"fluid": cfg.to_dict(), "export": export_ref, "k_max": noise.k_max},
+    trainer = TorchTrainer(  # the examples go to every worker whole, by reference (pipeline/data/rows.py)
+        _loop, train_loop_config={"fluid": cfg.to_dict(), "export": export_ref, "k_max": noise.k_max,
+                                  "examples": ray.put(rows)},
         scaling_config=ScalingConfig(num_workers=cfg.horizon.workers, resources_per_worker={"CPU": 1}),
-        datasets={"pairs": ds}, dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(name="fit-horizon", storage_path=storage),
     )
     result = trainer.fit()
@@ -108,6 +108,7 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
 
 
 def _loop(config: dict) -> None:
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -124,7 +125,7 @@ def _loop(config: dict) -> None:
     model, _, _ = load_export(local_folder(config["export"], cfg.model.cache_dir))  # this node's copy
     model.requires_grad_(False)
     feats, ces = [], []
-    for i, batch in enumerate(ray.train.get_dataset_shard("pairs").iter_torch_batches(batch_size=4)):
+    for i, batch in enumerate(ray.get(config["examples"]).iter_torch_batches(batch_size=4)):
         if i % world != rank:
             continue
         f, c = collect_pairs(model, {k: v.long() for k, v in batch.items()}, k_max=k_max)

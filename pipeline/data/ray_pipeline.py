@@ -301,6 +301,20 @@ def read_preprocessed(path: str) -> ray.data.Dataset:
     return ds
 
 
+def collect_rows(ds: ray.data.Dataset, max_rows: int):
+    """The first `max_rows` rows of `ds` (in its deterministic order) as `Rows` — numpy columns on the
+    driver, for held-out sets small enough to send every worker whole — or None when it has none."""
+    from pipeline.data.rows import Rows
+
+    if max_rows < 1:
+        return None
+    parts = list(ds.limit(max_rows).iter_batches(batch_size=None, batch_format="numpy"))
+    parts = [p for p in parts if p and len(next(iter(p.values())))]
+    if not parts:
+        return None
+    return Rows({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
 def iter_train_batches(ds: ray.data.Dataset, batch_size: int, *, skip_batches: int = 0, dtypes=None,
                        device: str = "cpu", prefetch_batches: int = 1) -> Iterator[dict]:
     """Fixed-shape torch batches (drop_last) in the dataset's deterministic order. On resume, pass

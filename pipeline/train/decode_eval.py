@@ -74,8 +74,8 @@ def verify_metrics(model, tokenizer, prompts: list[list[int]], *, mask_token_id:
 
 
 def held_out_verify(model, val_iter, cfg: FluidConfig, loop_config: dict, *, rank: int, world_size: int) -> dict:
-    """`verify_metrics` on this rank's share of the first validation rows (`val_iter`: a Ray Data
-    iterator); {} when disabled or in the bidirectional baseline (no causal drafts to verify)."""
+    """`verify_metrics` on this rank's share of the first validation rows (`val_iter`: `Rows`
+    or a Ray Data iterator); {} when disabled or in the bidirectional baseline (no causal drafts to verify)."""
     t = cfg.train
     n = t.eval_decode_prompts
     if n < 0 or t.eval_decode_tokens < 0 or t.eval_decode_prompt_len < 1:

@@ -2,7 +2,8 @@
 
 In:  the `FluidConfig` (as a dict), the model folder (or its staged URL: each node fetches its own
      copy) and mask id, `train_blocks` — the row groups of the training shards, of which each worker
-     streams its share (pipeline/data/streaming.py) — and optionally a Ray Dataset `validation`.
+     streams its share (pipeline/data/streaming.py) — and optionally `validation`: an object reference
+     to the held-out `Rows` (pipeline/data/rows.py) that every worker evaluates on.
 Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, data-wait share) to
      `<run_dir>/metrics.jsonl` (to `ray.train.report` with each checkpoint and every REPORT_EVERY_S);
      sharded DCP checkpoints every `train.checkpoint_every` steps; a Hugging Face export at the end.
@@ -69,6 +70,7 @@ def build_training(cfg: FluidConfig, loop_config: dict):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entrypoint: set up, resume, train to `max_steps` or the time budget, evaluate, export."""
+    import ray
     import ray.train
 
     from pipeline.train.checkpoint import report_checkpoint, restore_from_ray
@@ -94,7 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
     log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
     micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
-    val_ds = ray.train.get_dataset_shard("validation") if loop_config.get("has_validation") else None
+    val_ds = ray.get(loop_config["validation"]) if loop_config.get("validation") is not None else None  # Rows
     eval_batches = int(loop_config.get("eval_batches", 8))
 
     def held_out() -> dict:
@@ -106,18 +108,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if val_ds is not None and start_step == 0:
         log.eval(0, held_out())
 
-    if loop_config.get("train_blocks"):  # stream this worker's share of the shards (pipeline/data/streaming.py)
-        from pipeline.batch import columns_for
-        from pipeline.data.streaming import worker_batches
+    from pipeline.batch import columns_for
+    from pipeline.data.streaming import worker_batches
 
-        batches = worker_batches(loop_config["train_blocks"], micro_global=micro_global, rank=rank, world=world_size,
-                                 start=start_step * cfg.train.grad_accum, seed=cfg.data.seed,
-                                 shuffle=cfg.data.shuffle, window=cfg.data.shuffle_buffer,
-                                 columns=list(columns_for(cfg.noise.mode)), device=device)
-    else:
-        batches = local_batches(ray.train.get_dataset_shard("train"), micro_global=micro_global, rank=rank,
-                                world=world_size, skip=start_step * cfg.train.grad_accum, device=device,
-                                mode=cfg.noise.mode)
+    # this worker's share of the shards (pipeline/data/streaming.py), from the first micro-batch not consumed
+    batches = worker_batches(loop_config["train_blocks"], micro_global=micro_global, rank=rank, world=world_size,
+                             start=start_step * cfg.train.grad_accum, seed=cfg.data.seed,
+                             shuffle=cfg.data.shuffle, window=cfg.data.shuffle_buffer,
+                             columns=list(columns_for(cfg.noise.mode)), device=device)
     t_start = time.time() - float(state.get("elapsed_s", 0.0))
     last_report = time.time()
     step = start_step

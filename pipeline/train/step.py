@@ -50,7 +50,7 @@ def rank_slice(batch: dict, *, rank: int, world_size: int, mode: str, device) ->
 
 def local_batches(dataset_iter, *, micro_global: int, rank: int, world: int, skip: int, device,
                   mode: str = "causal") -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's slice of each global micro-batch of a Ray Data iterator, after `skip` ones."""
+    """Yield this rank's slice of each global micro-batch of a Ray Data iterator (or `Rows`), after `skip` ones."""
     for i, batch in enumerate(dataset_iter.iter_torch_batches(batch_size=micro_global, drop_last=True)):
         if i < skip:
             continue

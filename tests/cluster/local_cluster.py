@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,7 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.procs.stop_all()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # the nodes' session folders (logs stay in root/logs)
 
     def _wait_workers(self, procs: dict[int, subprocess.Popen], nodes: int) -> bool:
         end = time.time() + 180
@@ -245,16 +247,34 @@ class LocalCluster:
     # --- jobs -------------------------------------------------------------------------------------
     def submit(self, name: str, args: list[str], timeout: float = 240) -> str:
         """`ray job submit` (blocking); returns the job's log; raises with the log's tail on failure."""
+        return self.finish(self.start_job(name, args), timeout=timeout)
+
+    def start_job(self, name: str, args: list[str]) -> tuple[str, subprocess.Popen, float]:
+        """`ray job submit` in the background (the CLI still tails the job until it ends): `finish` it."""
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id",
                f"{name}-{secrets.token_hex(3)}", "--runtime-env", "cluster/runtime_env.yaml", "--",
                "python", "-m", *args]
-        t0 = time.time()
-        proc = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, cwd=self.cwd)
+        log = open(self.logs / f"job-{name}.log", "w+")
+        proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
+                                start_new_session=True)
+        self.procs.procs.append((f"job {name}", proc))  # stopped with the cluster if the test fails first
+        proc.log = log
+        return name, proc, time.time()
+
+    def finish(self, job: tuple[str, subprocess.Popen, float], timeout: float = 240) -> str:
+        name, proc, t0 = job
+        try:
+            proc.wait(timeout=max(1.0, t0 + timeout - time.time()))
+        except subprocess.TimeoutExpired:
+            self.procs.stop_one(proc)
         self.timings[f"job {name}"] = time.time() - t0
-        (self.logs / f"job-{name}.log").write_text(proc.stdout + proc.stderr)
+        proc.log.seek(0)
+        out = proc.log.read()
+        proc.log.close()
+        self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]
         if proc.returncode != 0:
-            raise AssertionError(f"job {name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-        return proc.stdout
+            raise AssertionError(f"job {name} failed ({proc.returncode}):\n{out[-4000:]}")
+        return out
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(VENV_BIN / args[0]), *args[1:]], env=self.env(), capture_output=True, text=True,
