@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -255,8 +254,9 @@ def parquet_files(path: str) -> list[str]:
     fs, root, _ = _fs(path)
     if not fs.isdir(root):
         return []
-    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f)]  # noqa: E731
-    return sorted((f for f in fs.find(root) if f.endswith(".parquet")), key=natural)
+    from pipeline.data.streaming import natural_order
+
+    return sorted((f for f in fs.find(root) if f.endswith(".parquet")), key=natural_order)
 
 
 def remove_files(path: str, files: list[str]) -> None:

@@ -51,6 +51,11 @@ def _fs(url: str):
     return fs_of(url)
 
 
+def natural_order(name: str) -> list:
+    """Sort key that puts shard names in write order: Ray Data names them …_000001-10 after …-9."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def list_blocks(path: str) -> list[Block]:
     """The row groups of every Parquet shard under `path`, in write order (natural sort of file names)."""
     import pyarrow.parquet as pq
@@ -58,8 +63,7 @@ def list_blocks(path: str) -> list[Block]:
     fs, root = _fs(path)
     if not fs.isdir(root):
         raise FluidError(f"no Parquet shards under {path}")
-    natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f)]  # noqa: E731
-    files = sorted((f for f in fs.find(root) if f.endswith(".parquet")), key=natural)
+    files = sorted((f for f in fs.find(root) if f.endswith(".parquet")), key=natural_order)
     if not files:
         raise FluidError(f"no Parquet shards under {path}; run `fluid preprocess --output {path}` first")
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""

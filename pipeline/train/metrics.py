@@ -6,6 +6,7 @@ In:  metric dicts from `pipeline.train.step`. Out: appended JSONL records (rank 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -24,7 +25,16 @@ def say(line: str) -> None:
 def quiet_ray_train(verbose: bool = False) -> None:
     """Ray Train logs every reported metrics dict at INFO level on every rank (a wall of dicts per
     step); keep its loggers at WARNING unless `train.verbose` asks for everything."""
-    logging.getLogger("ray.train").setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray.train").setLevel(level)
+    # Ray Train 2.60 logs each report ("Reporting training result …") from a logger named after its
+    # module's *file path*, outside the "ray.train" hierarchy
+    import importlib.util
+
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+        if spec is not None and spec.origin:
+            logging.getLogger(spec.origin).setLevel(level)
 
 
 def scalars(metrics: dict) -> dict:

@@ -63,3 +63,19 @@ def test_replayed_steps_are_dropped_so_each_step_appears_once(tmp_path):
     assert drop_replayed(path, 0) == 6 and path.read_text() == ""  # a restart from scratch logs eval 0 again
     path.write_text(json.dumps({"step": 5}) + "\n" + json.dumps({"event": "eval", "step": 5}) + "\n")
     assert drop_replayed(path, 5) == 1  # resuming the finished run: its final evaluation comes again
+
+
+def test_quiet_ray_train_silences_the_per_report_line_unless_verbose():
+    import importlib.util
+    import logging
+
+    from pipeline.train.metrics import quiet_ray_train
+
+    # Ray Train logs "Reporting training result …" from a logger named after its module's file path
+    per_report = logging.getLogger(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin)
+    per_report.setLevel(logging.INFO)  # as on a Ray Train worker, whose logging Ray configures at INFO
+    quiet_ray_train(verbose=False)
+    assert per_report.level == logging.WARNING and logging.getLogger("ray.train").level == logging.WARNING
+    quiet_ray_train(verbose=True)
+    assert per_report.level == logging.INFO
+    quiet_ray_train(verbose=False)
