@@ -11,7 +11,7 @@ CORE = [
     "pipeline.data.packing", "pipeline.data.noise", "pipeline.data.local",
     "pipeline.model.causal_lm", "pipeline.model.attention", "pipeline.model.losses", "pipeline.model.parallelize",
     "pipeline.train.step", "pipeline.train.optim", "pipeline.train.export", "pipeline.train.checkpoint",
-    "pipeline.decode.sampler", "pipeline.decode.policies", "pipeline.decode.kvcache",
+    "pipeline.decode.sampler", "pipeline.decode.decoder", "pipeline.decode.policies", "pipeline.decode.kvcache",
     "pipeline.decode.horizon_head", "pipeline.decode.horizon_fit", "pipeline.decode.load",
     "pipeline.serve.openai_api",
     "pipeline.sources.eval_data", "pipeline.eval.horizon_ce", "pipeline.eval.metrics", "pipeline.eval.report",

@@ -1,0 +1,379 @@
+"""The decoding loop behind `Sampler` (docs/method.md §7–§10): rows, one step, continuous batching.
+Plain torch + transformers, no Ray.
+
+Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
+step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens
+whose positions continue the sequence. The output at the last clean token is the exact AR prediction;
+the masks' outputs are the drafts. After committing (policies.py), the mask and rejected entries are
+dropped from the cache; the prefix is never recomputed.
+
+Batching: rows are left-aligned in the step's [B, W] input and right-padded. One cache holds all rows;
+entries a row did not keep become holes, tracked in `valid` [B, S] and hidden by an explicit 4-D mask
+(position ids are per row). Holes are compacted away from time to time (kvcache.compact_rows).
+With one row, or when nothing is ragged, no mask is passed and the model's own causal mask is used.
+
+Continuous batching (iteration-level scheduling, as Orca and vLLM do): `_Decoder.add` admits new rows
+between steps and finished rows leave after the step that finished them. A new row's prompt is fed in
+a forward of its own (with the other rows admitted at the same time) on a fresh cache, which is then
+joined to the running cache (kvcache.join_rows), so the running rows never pay for a wide prefill
+input. Each row keeps its own horizon, positions and cache entries: output equals unbatched decoding.
+Text is detokenized incrementally (detok.py), stop strings are matched on the newest text only.
+"""
+
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.decode import kvcache
+from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost
+from pipeline.decode.detok import IncrementalText
+from pipeline.decode.policies import (
+    ELASTIC,
+    ElasticHorizon,
+    Resolved,
+    gated_length,
+    sample,
+    sampling_probs,
+    speculative_accept,
+)
+from pipeline.errors import FluidError
+
+if TYPE_CHECKING:
+    from pipeline.decode.sampler import Sampler
+
+
+@dataclass
+class GenerationStats:
+    policy: str
+    forwards: int = 0
+    tokens: int = 0
+    tokens_per_forward: float = 0.0
+    accepted_hist: dict[int, int] = field(default_factory=dict)  # tokens committed by a forward -> count
+    mask_tokens: int = 0  # mask tokens fed in all (the drafting cost)
+    wall_time_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens; EOS and anything after a stop are not included
+    text: str  # decoded, cut before the first stop string
+    finish_reason: str  # "stop" | "length" | "eos"
+    prompt_tokens: int
+    stats: GenerationStats
+
+
+@dataclass
+class StreamChunk:
+    token_ids: list[int]  # tokens committed by this step
+    text: str  # text delta (never a broken UTF-8 character or the start of a possible stop string)
+    finish_reason: str | None = None
+    result: GenerationResult | None = None  # on the last chunk
+
+
+class _Row:
+    """Decoding state of one request."""
+
+    def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None):
+        self.r = r
+        self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
+        self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
+        self.draft_q: list[torch.Tensor] = []  # their proposal distributions (verify, temperature > 0)
+        self.pos = 0  # this row's tokens in the cache = position of feed[0]
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self.text: str | None = None  # the final text (set when the row finishes)
+        self.detok = IncrementalText(tokenizer, r.stop)
+        self.new_text = ""  # text added by the last step
+        # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
+        self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
+        if r.policy == "verify" and r.temperature == 0 and costs is not None:
+            # greedy verify is lossless: its horizon may follow the machine's timing (cost_model.py);
+            # sampling keeps the timing-independent controller, so a seed reproduces on any machine
+            self.horizon = CostAwareHorizon(r.max_horizon, costs)
+        self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
+        self.observe_from = 0  # index in `generated` of observe[0]
+        self.prev_hidden: torch.Tensor | None = None
+        self.gen = torch.Generator()
+        if r.seed is None:
+            self.gen.seed()
+        else:
+            self.gen.manual_seed(int(r.seed))
+        self.stats = GenerationStats(r.policy)
+        self.t0 = time.perf_counter()
+
+
+class _Decoder:
+    """Batched decoding of several requests; `step()` runs one forward for the rows in the cache and
+    one for rows added since the last step. `rows` are the rows it was created with."""
+
+    def __init__(self, sampler: Sampler, resolved: list[Resolved]):
+        self.s = sampler
+        self.active: list[_Row] = []  # rows in the cache (in cache order), then rows not yet fed
+        self.cache = None
+        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=sampler.device)
+        self.rows = self.add(resolved)
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def add(self, resolved: list[Resolved]) -> list[_Row]:
+        """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
+        greedy_verify = any(r.policy == "verify" and r.temperature == 0 for r in resolved)
+        costs = self.s.forward_cost if greedy_verify else None
+        rows = [_Row(r, self.s.tokenizer, costs) for r in resolved]
+        self.active.extend(rows)
+        return rows
+
+    def kv_entries(self) -> int:
+        """Cache entries held (rows × cache length, holes included): the decoder's KV use."""
+        return int(self.valid.numel())
+
+    def _horizon(self, row: _Row, floor: int = 1) -> int:
+        """K of the row's next step; `floor`: the width the batch has without this row."""
+        r = row.r
+        if r.policy == "ar":
+            k = 1
+        elif isinstance(row.horizon, CostAwareHorizon):
+            k = 1 if row.observe else row.horizon.choose(len(row.feed), floor)
+        elif r.policy in ELASTIC:
+            k = row.horizon.k
+            if r.policy == "verify" and (row.observe or (row.n_drafts and row.horizon.probing)):
+                k = 1  # a probe's verdict is pending: no more drafts until it is known
+        elif r.policy == "khead":
+            k = 1 if row.prev_hidden is None else int(self.s.horizon_head.predict(row.prev_hidden))
+            if row.horizon.k == 1:
+                k = 1  # the head's horizons keep failing: plain AR until the controller's next probe
+        else:
+            k = r.max_horizon
+        remaining = r.max_tokens - len(row.generated)
+        if r.policy == "verify":
+            remaining -= row.n_drafts + 1  # the pending block may commit n_drafts + 1 tokens first
+        return max(1, min(k, r.max_horizon, remaining))
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[_Row, list[int]]]:
+        """One decoding step for all active rows; returns (row, tokens committed) per row. A caller may end
+        a row between steps by setting `row.finish` (e.g. "cancelled"): it is dropped before the forward."""
+        self._drop_finished()
+        n_cached = self.valid.shape[0]
+        cached, fresh = self.active[:n_cached], self.active[n_cached:]
+        events = []
+        if cached:
+            events += self._forward(cached, self.cache)
+        if fresh:
+            cache = DynamicCache(config=self.s.model.config)
+            kvcache.check_supported(cache)
+            valid = self.valid
+            self.valid = torch.zeros((len(fresh), 0), dtype=torch.bool, device=self.s.device)
+            events += self._forward(fresh, cache)
+            if cached:
+                self.valid = kvcache.join_rows(self.cache, valid, cache, self.valid)
+            else:
+                self.cache = cache
+        self._drop_finished()
+        self._compact()
+        return events
+
+    def _forward(self, rows: list[_Row], cache) -> list[tuple[_Row, list[int]]]:
+        """One forward of `rows` against `cache`, whose entries `self.valid` describes."""
+        s = self.s
+        ks = [self._horizon(row) for row in rows]
+        if len(rows) > 1:  # price cost-aware horizons at the width the other rows give the batch
+            widths = [len(row.feed) + k - 1 for row, k in zip(rows, ks, strict=True)]
+            top = sorted(widths)[-2:]
+            ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
+                  else k for row, k, w in zip(rows, ks, widths, strict=True)]
+        blocks = [row.feed + [s.mask_token_id] * (k - 1) for row, k in zip(rows, ks, strict=True)]
+        lens = torch.tensor([len(b) for b in blocks])
+        b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(cache)
+        ids = torch.full((b_sz, width), s.mask_token_id, dtype=torch.long)
+        for i, blk in enumerate(blocks):
+            ids[i, : len(blk)] = torch.tensor(blk)
+        pos = torch.tensor([row.pos for row in rows])[:, None] + torch.arange(width)[None, :]
+        mask = None
+        if bool((lens != width).any()) or not bool(self.valid.all()):
+            mask = self._mask(self.valid, lens, past, width)
+        first = [len(row.feed) - 1 - row.n_drafts for row in rows]  # first output each row reads
+        keep = width - min(first)
+        want_hidden = any(row.r.policy == "khead" for row in rows)
+        out = s.model(input_ids=ids.to(s.device), position_ids=pos.to(s.device), attention_mask=mask,
+                      use_cache=True, logits_to_keep=keep, output_hidden_states=want_hidden,
+                      **{s.cache_kwarg: cache})
+        logits = out.logits.float()
+        logits[..., s.banned_ids] = float("-inf")
+        off = width - keep
+        keeps, events = [], []
+        for b, (row, k) in enumerate(zip(rows, ks, strict=True)):
+            lg = logits[b, first[b] - off : int(lens[b]) - off]
+            if row.r.policy == "verify":
+                tokens, kept = self._verify(row, lg)
+            else:
+                tokens, kept = self._draft(row, lg, k), len(row.feed)
+                if want_hidden:
+                    row.prev_hidden = out.hidden_states[-1][b, kept - 1].detach()
+                row.feed, row.n_drafts = list(tokens), 0
+            keeps.append(kept)
+            row.pos += kept
+            row.stats.mask_tokens += k - 1
+            events.append((row, self._commit(row, tokens)))
+            if row.observe:
+                self._judge_probe(row)
+        kmax = max(keeps)
+        kvcache.drop_last(cache, width - kmax)
+        dev = s.device
+        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
+        return events
+
+    def _mask(self, valid: torch.Tensor, lens: torch.Tensor, past: int, width: int) -> torch.Tensor:
+        dev = self.s.device
+        real = (torch.arange(width)[None, :] < lens[:, None]).to(dev)
+        key_ok = torch.cat([valid, real], dim=1)  # [B, past + W]
+        causal = torch.ones(width, past + width, dtype=torch.bool, device=dev).tril(diagonal=past)
+        m = key_ok[:, None, :] & causal[None]
+        diag = torch.arange(width, device=dev)
+        m[:, diag, past + diag] = True  # padding queries see themselves: no empty rows, no NaN
+        m = m[:, None]
+        if self.s.attn_impl == "sdpa":
+            return m
+        if self.s.attn_impl.startswith("flash"):
+            raise FluidError("batched rows of different lengths need a 4-D mask; load the model with "
+                             "attn_implementation='sdpa' or 'eager'")
+        out = torch.zeros(m.shape, dtype=self.s.model.dtype, device=dev)
+        return out.masked_fill_(~m, torch.finfo(out.dtype).min)
+
+    def _draft(self, row: _Row, lg: torch.Tensor, k: int) -> list[int]:
+        """Non-verify policies: lg [K, V] = the AR output then the K − 1 mask outputs."""
+        r = row.r
+        if r.temperature == 0:
+            chosen = lg.argmax(dim=-1)
+        else:
+            chosen = sample(sampling_probs(lg, r.temperature, r.top_p), row.gen).to(lg.device)
+        n = gated_length(r.policy, r.gamma, torch.softmax(lg, dim=-1), chosen) if k > 1 else 1
+        if row.horizon is not None:
+            row.horizon.update(k, n)
+        return chosen[:n].tolist()
+
+    def _verify(self, row: _Row, lg: torch.Tensor) -> tuple[list[int], int]:
+        """lg = AR outputs at b_1 … b_n, then the mask outputs. Returns (committed, cache entries kept)."""
+        r, nd = row.r, row.n_drafts
+        drafts = row.feed[len(row.feed) - nd :]
+        ar, masks = lg[: nd + 1], lg[nd + 1 :]
+        m = 0
+        if r.temperature == 0:
+            pred = ar.argmax(dim=-1).tolist()
+            while m < nd and drafts[m] == pred[m]:
+                m += 1
+            nxt = pred[m]
+        else:
+            p = sampling_probs(ar, r.temperature, r.top_p).cpu()
+            nxt = None
+            while m < nd and nxt is None:
+                ok, tok = speculative_accept(p[m], row.draft_q[m], drafts[m], row.gen)
+                m, nxt = (m + 1, None) if ok else (m, tok)
+            if nxt is None:
+                nxt = int(sample(p[nd : nd + 1], row.gen)[0])
+        kept = len(row.feed) - nd + m
+        if row.horizon is not None:
+            row.horizon.update(nd + 1, m + 1)
+        new, qs = [], []
+        if m == nd and masks.shape[0]:
+            if r.temperature == 0:
+                new = self._propose(row, masks)
+                if row.horizon is not None and row.horizon.probing:
+                    # A probe is only observed: its drafts are compared with the tokens the next
+                    # AR steps commit, so a failing probe costs one mask token, not a wider forward.
+                    row.observe, row.observe_from, new = new, len(row.generated) + m + 1, []
+            else:
+                q = sampling_probs(masks, r.temperature, r.top_p).cpu()
+                new, qs = sample(q, row.gen).tolist(), list(q)
+        row.feed, row.n_drafts, row.draft_q = [nxt, *new], len(new), qs
+        return [*drafts[:m], nxt], kept
+
+    def _judge_probe(self, row: _Row) -> None:
+        """Give the horizon controller the verdict on an observed probe once it is known."""
+        obs, start, gen = row.observe, row.observe_from, row.generated
+        seen = min(len(obs), len(gen) - start)
+        hits = next((j for j in range(seen) if gen[start + j] != obs[j]), seen)
+        if hits < seen or seen == len(obs):
+            row.horizon.update(len(obs) + 1, hits + 1)
+            row.observe = []
+
+    def _propose(self, row: _Row, masks: torch.Tensor) -> list[int]:
+        """Greedy drafts for `verify` (the argmax of each mask output); tests swap in oracle drafts."""
+        return masks.argmax(dim=-1).tolist()
+
+    def _commit(self, row: _Row, tokens: list[int]) -> list[int]:
+        """Append tokens, trimming exactly at EOS, max_tokens or a stop string (as AR would stop).
+        Text is decoded incrementally; a stop string is searched for in the newest text only."""
+        r, s = row.r, self.s
+        out, reason, parts = [], None, []
+        for t in tokens:
+            if r.stop_on_eos and t in s.eos_ids:
+                reason = "eos"
+                break
+            out.append(t)
+            parts.append(row.detok.push(t))
+            if row.detok.stop_at is not None:
+                reason = "stop"
+                row.text = row.detok.text[: row.detok.stop_at]
+                break
+            if len(row.generated) + len(out) >= r.max_tokens:
+                reason = "length"
+                break
+        row.generated.extend(out)
+        row.new_text = "".join(parts)
+        st = row.stats
+        st.forwards += 1
+        st.tokens = len(row.generated)
+        st.accepted_hist[len(out)] = st.accepted_hist.get(len(out), 0) + 1
+        if reason is not None:
+            row.finish = reason
+            if row.text is None:
+                row.text = s.decode(row.generated)  # once per request: the exact full decode
+            st.tokens_per_forward = st.tokens / st.forwards
+            st.wall_time_s = time.perf_counter() - row.t0
+        return out
+
+    def _compact(self) -> None:
+        if not self.active or self.cache is None:
+            return
+        size = self.valid.shape[1]
+        holes = size - int(self.valid.sum(dim=1).max())
+        if holes and (len(self.active) == 1 or holes >= max(self.s.compact_min, size // 8)):
+            self.valid = kvcache.compact_rows(self.cache, self.valid)
+
+    def _drop_finished(self) -> None:
+        """Remove finished rows; those in the cache leave it (their entries are freed)."""
+        n_cached = self.valid.shape[0]
+        alive = [i for i, row in enumerate(self.active) if row.finish is None]
+        if len(alive) == len(self.active):
+            return
+        keep = [i for i in alive if i < n_cached]
+        if len(keep) < n_cached:
+            if keep:
+                kvcache.select_rows(self.cache, torch.tensor(keep, device=self.s.device))
+                self.valid = self.valid[keep]
+            else:
+                self.cache = None
+                self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.s.device)
+        self.active = [self.active[i] for i in alive]
+
+
+def _input_rows(emb) -> int:
+    """Rows of an input embedding, also when peft wraps it (TrainableTokensWrapper has no num_embeddings)."""
+    for layer in (emb, getattr(emb, "base_layer", None)):
+        rows = getattr(layer, "num_embeddings", None) if layer is not None else None
+        if rows is not None:
+            return int(rows)
+    return int(emb.weight.shape[0])
