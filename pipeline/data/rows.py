@@ -5,8 +5,9 @@ In:  equally long numpy columns (a validation set, the horizon fit's examples), 
 Out: `Rows.iter_torch_batches(batch_size, drop_last)` → dicts of torch tensors in row order — the part of
      Ray Data's iterator the training loop and the horizon fit use.
 
-Why not Ray Train's `datasets=`: for every run it starts a DatasetManager actor and executes a streaming
-split per worker (~5–10 s on 2 cores), for a few hundred rows that every worker reads whole anyway.
+Why not Ray Train's `datasets=`: in every run each worker then executes a streaming split of the
+dataset through Train's DatasetManager (seconds of start-up on 2 cores), for a few hundred rows that
+every worker reads whole anyway.
 """
 
 from __future__ import annotations
