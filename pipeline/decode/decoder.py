@@ -368,12 +368,3 @@ class _Decoder:
                 self.cache = None
                 self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.s.device)
         self.active = [self.active[i] for i in alive]
-
-
-def _input_rows(emb) -> int:
-    """Rows of an input embedding, also when peft wraps it (TrainableTokensWrapper has no num_embeddings)."""
-    for layer in (emb, getattr(emb, "base_layer", None)):
-        rows = getattr(layer, "num_embeddings", None) if layer is not None else None
-        if rows is not None:
-            return int(rows)
-    return int(emb.weight.shape[0])

@@ -18,7 +18,6 @@ from pipeline.decode.decoder import (
     GenerationStats,
     StreamChunk,
     _Decoder,
-    _input_rows,
     _Row,
 )
 from pipeline.decode.detok import TextDeltas
@@ -33,6 +32,15 @@ from pipeline.errors import FluidError
 from pipeline.model.causal_lm import cache_kwarg
 
 __all__ = ["GenerationRequest", "GenerationResult", "GenerationStats", "Sampler", "StreamChunk", "TextDeltas"]
+
+
+def _input_rows(emb) -> int:
+    """Rows of an input embedding, also when peft wraps it (TrainableTokensWrapper has no num_embeddings)."""
+    for layer in (emb, getattr(emb, "base_layer", None)):
+        rows = getattr(layer, "num_embeddings", None) if layer is not None else None
+        if rows is not None:
+            return int(rows)
+    return int(emb.weight.shape[0])
 
 
 class Sampler:

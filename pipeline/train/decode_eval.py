@@ -73,20 +73,19 @@ def verify_metrics(model, tokenizer, prompts: list[list[int]], *, mask_token_id:
     return {"verify_tpf": tokens / max(1, forwards), "verify_tokens": tokens, "verify_forwards": forwards}
 
 
-def held_out_verify(model, val_iter, cfg: FluidConfig, loop_config: dict, *, rank: int, world_size: int) -> dict:
-    """`verify_metrics` on this rank's share of the first validation rows (`val_iter`: `Rows`
-    or a Ray Data iterator); {} when disabled or in the bidirectional baseline (no causal drafts to verify)."""
+def held_out_verify(model, val_rows, cfg: FluidConfig, loop_config: dict, *, rank: int, world_size: int) -> dict:
+    """`verify_metrics` on this rank's share of the first held-out `Rows`; {} when disabled or in the bidirectional baseline (no causal drafts to verify)."""
     t = cfg.train
     n = t.eval_decode_prompts
     if n < 0 or t.eval_decode_tokens < 0 or t.eval_decode_prompt_len < 1:
         raise FluidError("train.eval_decode_prompts and train.eval_decode_tokens must be ≥ 0 and "
                          "train.eval_decode_prompt_len ≥ 1")
-    if n == 0 or t.eval_decode_tokens == 0 or val_iter is None or cfg.noise.mode != "causal":
+    if n == 0 or t.eval_decode_tokens == 0 or val_rows is None or cfg.noise.mode != "causal":
         return {}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
-    first = next(iter(val_iter.iter_torch_batches(batch_size=n, drop_last=False)), None)
+    first = next(iter(val_rows.iter_torch_batches(batch_size=n, drop_last=False)), None)
     prompts = clean_prompts(first, n, t.eval_decode_prompt_len) if first is not None else []
     return verify_metrics(model, tokenizer, prompts[rank::world_size], mask_token_id=int(loop_config["mask_token_id"]),
                           k_max=cfg.noise.k_max, max_tokens=t.eval_decode_tokens)

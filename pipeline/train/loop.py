@@ -96,16 +96,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
     log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
     micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
-    val_ds = ray.get(loop_config["validation"]) if loop_config.get("validation") is not None else None  # Rows
+    val_rows = ray.get(loop_config["validation"]) if loop_config.get("validation") is not None else None
     eval_batches = int(loop_config.get("eval_batches", 8))
 
     def held_out() -> dict:
-        it = local_batches(val_ds, micro_global=micro_global, rank=rank, world=world_size, skip=0,
+        it = local_batches(val_rows, micro_global=micro_global, rank=rank, world=world_size,
                            device=device, mode=cfg.noise.mode)
         return {**evaluate(model, it, cfg, device, max_batches=eval_batches),
-                **held_out_verify(model, val_ds, cfg, loop_config, rank=rank, world_size=world_size)}
+                **held_out_verify(model, val_rows, cfg, loop_config, rank=rank, world_size=world_size)}
 
-    if val_ds is not None and start_step == 0:
+    if val_rows is not None and start_step == 0:
         log.eval(0, held_out())
 
     from pipeline.batch import columns_for
@@ -146,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 say(f"[fluid] time budget of {budget:.0f} s reached at step {step}")
             break
 
-    if val_ds is not None:
+    if val_rows is not None:
         log.eval(step, held_out())
     run_files.sync()
     if loop_config.get("export_dir"):

@@ -48,12 +48,10 @@ def rank_slice(batch: dict, *, rank: int, world_size: int, mode: str, device) ->
             for k, v in batch.items() if k in columns_for(mode)}
 
 
-def local_batches(dataset_iter, *, micro_global: int, rank: int, world: int, skip: int, device,
+def local_batches(rows, *, micro_global: int, rank: int, world: int, device,
                   mode: str = "causal") -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's slice of each global micro-batch of a Ray Data iterator (or `Rows`), after `skip` ones."""
-    for i, batch in enumerate(dataset_iter.iter_torch_batches(batch_size=micro_global, drop_last=True)):
-        if i < skip:
-            continue
+    """Yield this rank's slice of each global micro-batch of held-out `Rows` (pipeline/data/rows.py)."""
+    for batch in rows.iter_torch_batches(batch_size=micro_global, drop_last=True):
         yield rank_slice(batch, rank=rank, world_size=world, mode=mode, device=device)
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -47,6 +48,10 @@ class Procs:
 
     def stop_one(self, proc: subprocess.Popen) -> None:
         _stop_trees([proc.pid])
+        self.forget(proc)
+
+    def forget(self, proc: subprocess.Popen) -> None:
+        """Stop tracking a process that has ended (its pid may be reused: never signal it again)."""
         self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
     def stop_all(self) -> None:
@@ -95,6 +100,16 @@ def wait_until(check, timeout: float, what: str, every: float = 0.5):
             last = e
         time.sleep(every)
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s (last error: {last})")
+
+
+@dataclass
+class Job:
+    """A `ray job submit` CLI running in the background (`LocalCluster.start_job`)."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    t0: float
 
 
 class LocalCluster:
@@ -249,31 +264,26 @@ class LocalCluster:
         """`ray job submit` (blocking); returns the job's log; raises with the log's tail on failure."""
         return self.finish(self.start_job(name, args), timeout=timeout)
 
-    def start_job(self, name: str, args: list[str]) -> tuple[str, subprocess.Popen, float]:
-        """`ray job submit` in the background (the CLI still tails the job until it ends): `finish` it."""
+    def start_job(self, name: str, args: list[str]) -> Job:
+        """`ray job submit` in the background (the CLI still tails the job until it ends): `finish` it.
+        Started through `procs`, so the cluster's teardown stops it if the test fails first."""
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--submission-id",
                f"{name}-{secrets.token_hex(3)}", "--runtime-env", "cluster/runtime_env.yaml", "--",
                "python", "-m", *args]
-        log = open(self.logs / f"job-{name}.log", "w+")
-        proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd,
-                                start_new_session=True)
-        self.procs.procs.append((f"job {name}", proc))  # stopped with the cluster if the test fails first
-        proc.log = log
-        return name, proc, time.time()
+        log = self.logs / f"job-{name}.log"
+        return Job(name, self.procs.start(f"job {name}", cmd, self.env(), log, cwd=self.cwd), log, time.time())
 
-    def finish(self, job: tuple[str, subprocess.Popen, float], timeout: float = 240) -> str:
-        name, proc, t0 = job
+    def finish(self, job: Job, timeout: float = 240) -> str:
+        """Wait for a job started by `start_job`; returns its log; raises with the log's tail on failure."""
         try:
-            proc.wait(timeout=max(1.0, t0 + timeout - time.time()))
+            job.proc.wait(timeout=max(1.0, job.t0 + timeout - time.time()))
+            self.procs.forget(job.proc)
         except subprocess.TimeoutExpired:
-            self.procs.stop_one(proc)
-        self.timings[f"job {name}"] = time.time() - t0
-        proc.log.seek(0)
-        out = proc.log.read()
-        proc.log.close()
-        self.procs.procs = [(n, p) for n, p in self.procs.procs if p is not proc]
-        if proc.returncode != 0:
-            raise AssertionError(f"job {name} failed ({proc.returncode}):\n{out[-4000:]}")
+            self.procs.stop_one(job.proc)
+        self.timings[f"job {job.name}"] = time.time() - job.t0
+        out = job.log.read_text()
+        if job.proc.returncode != 0:
+            raise AssertionError(f"job {job.name} failed ({job.proc.returncode}):\n{out[-4000:]}")
         return out
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
