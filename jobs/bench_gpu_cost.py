@@ -5,13 +5,14 @@
 
 No download: the model is randomly initialised with the SmolLM2-135M shape (plus the [M] row); its
 timing is what matters here. Three tables (one run, a few minutes at most on a GPU):
-1. forward cost by width 1…32 with a KV cache of --past tokens (median of interleaved rounds),
+1. forward cost by width 1…32 (and 48, 64) with a KV cache of --past tokens (median of interleaved rounds),
    relative to a 1-token AR step — what `cost_model.calibrate` measures at load;
-2. the horizon K the controller chooses per draft acceptance rate, with this device's costs and with
-   the 2-core CPU reference costs, and the expected speed over AR;
+2. the horizon K (and layout: chain, or tree = a mask span per pending token) the controller chooses
+   per draft acceptance rate, with this device's costs and with the 2-core CPU reference costs, and
+   the expected speed over AR;
 3. live decoding with synthetic drafts: `verify` proposes the AR reference token with probability
    a per position (otherwise a wrong one), so acceptance is a by construction; tokens per forward,
-   the mean K chosen and the wall-clock speed vs our `ar` policy (interleaved rounds, medians), and
+   the mask tokens fed per forward and the wall-clock speed vs our `ar` policy (interleaved rounds, medians), and
    whether the output equals AR.
 """
 
@@ -63,8 +64,9 @@ def plan_table(cost: ForwardCost, cap: int) -> list[tuple]:
         for c in (cost, CPU_REFERENCE):
             h = CostAwareHorizon(cap, c)
             h.acceptance = lambda a=a: [a] * (cap - 1)
-            k = h.best()
-            out += [k, h.rates()[k - 1] / h.rates()[0]]
+            k, tree = h.best()
+            r = h.rates(layout="tree" if tree else "chain")
+            out += [f"{k}{' tree' if tree else ''}", r[k - 1] / r[0]]
         rows.append(tuple(out))
     return rows
 
@@ -94,14 +96,13 @@ def live(model, cost: ForwardCost, *, cap: int, tokens: int, prompts: int, round
         for a in ACCEPTANCE:
             drng = random.Random(seed + 1)
 
-            def propose(self, row, masks, a=a, drng=drng):
-                start = len(row.generated) + row.n_drafts + 1
+            def propose(self, row, masks, start, a=a, drng=drng):
                 r = ref[tuple(row.r.prompt_ids)]
                 return [(r[start + j] if start + j < len(r) and drng.random() < a else (r[min(start + j, len(r) - 1)] + 1) % vocab)
                         for j in range(masks.shape[0])]
 
             _Decoder._propose = propose
-            ratios, ks = [], []
+            ratios = []
             for i in range(rounds):
                 order = ("ar", "verify") if i % 2 == 0 else ("verify", "ar")
                 times = {}
@@ -112,8 +113,8 @@ def live(model, cost: ForwardCost, *, cap: int, tokens: int, prompts: int, round
                 ratios.append(times["ar"] / times["verify"])
             same = all(r.token_ids == ref[tuple(p)] for r, p in zip(out, prompt_ids, strict=True))
             fwd = sum(r.stats.forwards for r in out)
-            ks = sum(r.stats.mask_tokens for r in out) / fwd + 1
-            rows.append({"a": a, "tpf": sum(r.stats.tokens for r in out) / fwd, "mean_k": ks,
+            masks = sum(r.stats.mask_tokens for r in out) / fwd
+            rows.append({"a": a, "tpf": sum(r.stats.tokens for r in out) / fwd, "masks_per_forward": masks,
                          "speed_vs_ar": statistics.median(ratios), "equal_to_ar": same})
     finally:
         _Decoder._propose = original
@@ -147,24 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}  dtype: {dtype}  model: {'tiny' if args.tiny else 'SmolLM2-135M shape'} (random)  "
           f"past: {args.past}  torch {torch.__version__}")
 
-    widths = list(range(1, 33))
+    widths = [*range(1, 33), 48, 64]  # the tree layout at K = 8 is 64 wide
     cost = calibrate(model, widths=widths, past=args.past, repeats=args.repeats)
     base_ms = _ms_per_ar_step(model, args.past)
     print(f"\n1. forward cost by width (1 = one AR step, ~{base_ms:.2f} ms here)")
-    for lo in range(0, 32, 8):
+    for lo in range(0, len(widths), 8):
         print("   " + "  ".join(f"w{w:>2} {cost(w):5.2f}" for w in widths[lo:lo + 8]))
 
     print(f"\n2. horizon chosen by the cost model (cap {args.cap}); expected speed = rate(K) / rate(AR)")
-    print(f"   {'acceptance':>10}  {'K here':>6} {'speed':>6}   {'K on CPU ref':>12} {'speed':>6}")
+    print(f"   {'acceptance':>10}  {'K here':>7} {'speed':>6}   {'K on CPU ref':>12} {'speed':>6}")
     for a, k, s, kc, sc in plan_table(cost, args.cap):
-        print(f"   {a:>10.2f}  {k:>6} {s:>6.2f}   {kc:>12} {sc:>6.2f}")
+        print(f"   {a:>10.2f}  {k:>7} {s:>6.2f}   {kc:>12} {sc:>6.2f}")
 
     if args.tokens:
         print(f"\n3. live verify with synthetic drafts ({args.prompts} prompts x {args.tokens} tokens, "
               f"{args.rounds} interleaved rounds; speed = wall-clock vs our ar policy)")
-        print(f"   {'acceptance':>10} {'tok/fwd':>8} {'mean K':>7} {'x ar':>6} {'== ar':>6}")
+        print(f"   {'acceptance':>10} {'tok/fwd':>8} {'masks':>7} {'x ar':>6} {'== ar':>6}")
         for r in live(model, cost, cap=args.cap, tokens=args.tokens, prompts=args.prompts, rounds=args.rounds):
-            print(f"   {r['a']:>10.2f} {r['tpf']:>8.2f} {r['mean_k']:>7.2f} {r['speed_vs_ar']:>6.2f} {str(r['equal_to_ar']):>6}")
+            print(f"   {r['a']:>10.2f} {r['tpf']:>8.2f} {r['masks_per_forward']:>7.2f} {r['speed_vs_ar']:>6.2f} {str(r['equal_to_ar']):>6}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

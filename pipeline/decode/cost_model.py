@@ -6,15 +6,24 @@ In:  a forward-cost table (`ForwardCost`: the time of one forward by its width i
 Out: per row, the horizon K of the next step that maximises expected committed tokens per unit of
      forward cost (`CostAwareHorizon.choose`), K = 1 (a plain AR step) when drafts do not pay.
 
-Model of a fixed horizon K (D = K − 1 drafts). With `verify` a step either checks D pending drafts
-(width 1 + D clean + D masks = 2K − 1) or, after a rejection, only drafts again (width K). With a_j the
-probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the expected
-accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rate is
+Two layouts of a `verify` step with horizon K (D = K − 1 drafts pending, b_1 exact):
+* *chain*: the pending block [b_1 … b_K] then one span of D masks after b_K. If every draft passes,
+  the masks' outputs are the next drafts; after a rejection the next step only drafts again
+  (width K). Width 2K − 1.
+* *tree*: the same block, then one span of D masks anchored at each b_i (span i sees b_1 … b_i only:
+  the two-stream layout of training). Whatever the verdict m, the span anchored at b_{m+1} — the last
+  committed token — holds the next drafts, so no step is spent drafting after a rejection. Width K².
+With a_j the probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the
+expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rates are
 
-    rate(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   rate(1) = 1 / c(1),
+    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   tree(K) = (1 + S) / c(K²),
+    rate(1) = 1 / c(1),
 
-tokens per unit of cost. In a batch every row pays for the batch's width, so widths are priced at
-least at the width the batch has anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
+tokens per unit of cost. Where width is free (a GPU, a bf16 CPU with matrix units) the tree wins:
+with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
+4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
+batch every row pays for the batch's width, so widths are priced at least at the width the batch has
+anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
 
 The a_j are decayed counts per position with a prior chained from position to position (a position
 never tested inherits the estimate of the one before it, so the controller is optimistic about
@@ -44,7 +53,12 @@ import torch
 from pipeline.errors import FluidError
 from pipeline.model.causal_lm import cache_kwarg
 
-CALIBRATION_WIDTHS = (1, 2, 4, 8, 16, 32)
+LAYOUTS = ("chain", "tree")
+# The tree's width grows as K²: beyond K = 8 (64 tokens, 56 of them masks) the last drafts add little
+# (acceptance compounds) while a step's transient KV entries and mask grow quadratically.
+TREE_MAX_K = 8
+# 3 is the chain's width at K = 2 and 4 the tree's; CPU BLAS kernels often jump between them
+CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class ForwardCost:
@@ -103,10 +117,13 @@ class ForwardCost:
 
 @torch.inference_mode()
 def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 32, repeats: int = 3,
-              token_id: int = 0) -> ForwardCost:
+              token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device: a `past`-token KV cache, then one
     forward of w new tokens per width (interleaved over `repeats` rounds, median), as the sampler runs
-    them. Takes ~2 s for SmolLM2-135M on 2 CPU cores, well under a second on a GPU."""
+    them: width 1 is one clean token (`token_id`), a wider step one clean token then w − 1 masks
+    (`mask_token_id`; a frozen-base drafter's adapter runs only where masks are: ~200 extra small
+    matrix products per forward for SmolLM2, which a step with masks pays and an AR step does not).
+    Takes ~3 s for SmolLM2-135M on 2 CPU cores, well under a second on a GPU."""
     from transformers import DynamicCache
 
     from pipeline.decode import kvcache
@@ -117,12 +134,15 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
     cache = DynamicCache(config=model.config)
     ids = torch.full((1, past + max(widths)), int(token_id), dtype=torch.long, device=device)
     model(input_ids=ids[:, :past], use_cache=True, logits_to_keep=1, **{kwarg: cache})
+    step = ids[:, : max(widths)].clone()
+    if mask_token_id is not None:
+        step[:, 1:] = int(mask_token_id)
 
     def once(w: int) -> float:
         pos = torch.arange(past, past + w, device=device)[None, :]
         sync()
         t0 = time.perf_counter()
-        model(input_ids=ids[:, :w], position_ids=pos, use_cache=True, logits_to_keep=w, **{kwarg: cache})
+        model(input_ids=step[:, :w], position_ids=pos, use_cache=True, logits_to_keep=w, **{kwarg: cache})
         sync()
         dt = time.perf_counter() - t0
         kvcache.drop_last(cache, w)
@@ -144,12 +164,18 @@ class CostAwareHorizon:
     The sampler calls `choose(clean, floor)` before each forward (`clean`: tokens the row feeds;
     `floor`: the width the batch has anyway) and `update(k_used, accepted)` with each verdict
     (k_used − 1 drafts tested, accepted − 1 of them accepted; k_used = 1 for a step that tested none).
-    `probing` says whether the drafts of the step just planned are only to be observed (a probe)."""
+    `probing` says whether the drafts of the step just planned are only to be observed (a probe),
+    `tree` whether its masks form one span per pending token (else one span after the block; the tree
+    is considered up to K = TREE_MAX_K).
+    `layouts` limits the layouts it may choose ("chain", "tree")."""
 
     def __init__(self, cap: int, cost: ForwardCost, *, prior: float = 0.5, prior_weight: float = 1.0,
                  decay: float = 0.9, margin: float = 0.05, probe_budget: float = 0.1, probe_cap: int = 8,
-                 probe_share: float = 0.04, min_share: float = 1 / 256):
-        self.cap, self.cost = max(1, int(cap)), cost
+                 probe_share: float = 0.04, min_share: float = 1 / 256,
+                 layouts: Sequence[str] = LAYOUTS):
+        if not layouts or any(x not in LAYOUTS for x in layouts):
+            raise FluidError(f"verify layouts must be a non-empty subset of {LAYOUTS}, got {list(layouts)}")
+        self.cap, self.cost, self.layouts = max(1, int(cap)), cost, tuple(layouts)
         self.prior, self.prior_weight, self.decay, self.margin = prior, prior_weight, decay, margin
         self.probe_budget, self.probe_cap = probe_budget, probe_cap
         self.probe_share, self.min_share = probe_share, min_share
@@ -157,8 +183,9 @@ class CostAwareHorizon:
         self.tries = [0.0] * self.cap
         self.share = probe_share
         self.wait = 1e9  # AR steps since the last probe: the first one is due at once (along the prompt)
-        self.plan = self.best()  # K at a width floor of 1, from the current estimates
+        self.plan, self.plan_tree = self.best()  # K (and layout) at a width floor of 1
         self.probing = False
+        self.tree = False
 
     @property
     def k(self) -> int:
@@ -172,30 +199,41 @@ class CostAwareHorizon:
             out.append(prev)
         return out
 
-    def rates(self, floor: int = 1) -> list[float]:
-        """Expected committed tokens per unit of cost for K = 1…cap (index K − 1)."""
+    def rates(self, floor: int = 1, layout: str = "chain") -> list[float]:
+        """Expected committed tokens per unit of cost for K = 1…cap (index K − 1) in `layout`."""
         c = self.cost
         out = [1.0 / c(max(1, floor))]
         surv, s = 1.0, 0.0
         for k, a in enumerate(self.acceptance(), start=2):
             surv *= a
             s += surv
-            out.append((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))))
+            if layout == "tree":
+                out.append((1.0 + s) / c(max(k * k, floor)) if k <= TREE_MAX_K else 0.0)
+            else:
+                out.append((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))))
         return out
 
-    def best(self, floor: int = 1) -> int:
-        """The K of the highest rate; 1 unless that rate beats AR's by the margin."""
-        r = self.rates(floor)
-        k = max(range(len(r)), key=r.__getitem__) + 1
-        return k if r[k - 1] >= (1.0 + self.margin) * r[0] else 1
+    def best(self, floor: int = 1) -> tuple[int, bool]:
+        """(K, tree) of the highest rate over the allowed layouts; K = 1 unless that rate beats AR's by
+        the margin."""
+        top, top_rate = (1, False), 0.0
+        ar = 1.0 / self.cost(max(1, floor))
+        for layout in self.layouts:
+            r = self.rates(floor, layout)
+            k = max(range(len(r)), key=r.__getitem__) + 1
+            if r[k - 1] > top_rate:
+                top, top_rate = (k, layout == "tree"), r[k - 1]
+        return top if top[0] > 1 and top_rate >= (1.0 + self.margin) * ar else (1, False)
 
     def choose(self, clean: int = 1, floor: int = 1) -> int:
         """The horizon of the next step, for a row feeding `clean` tokens in a batch at least `floor`
         wide. Sets `probing` when the step's drafts are only to be observed: when drafts do not pay
-        but a probe is due (within `probe_budget` extra cost), or its masks cost nothing extra."""
-        self.probing = False
+        but a probe is due (within `probe_budget` extra cost), or its masks cost nothing extra; and
+        `tree` when the step's masks form one span per pending token."""
+        self.probing = self.tree = False
         if self.plan > 1:
-            return self.best(floor)
+            k, self.tree = self.best(floor)
+            return k
         if self.cap == 1:
             return 1
         base = self.cost(max(clean, floor))
@@ -217,7 +255,7 @@ class CostAwareHorizon:
         for j in range(1, min(drafts, good + 1, self.cap - 1) + 1):  # tested: 1…good, and good + 1 if rejected
             self.hits[j] = self.decay * self.hits[j] + (1.0 if j <= good else 0.0)
             self.tries[j] = self.decay * self.tries[j] + 1.0
-        self.plan = self.best()
+        self.plan, self.plan_tree = self.best()
         if self.plan == 1 and good == 0:
             self.share = max(self.min_share, self.share / 2)  # nothing passed: probe half as often
         elif good > 0:

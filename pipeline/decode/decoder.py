@@ -3,14 +3,17 @@ Plain torch + transformers, no Ray.
 
 Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
 step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens
-whose positions continue the sequence. The output at the last clean token is the exact AR prediction;
-the masks' outputs are the drafts. After committing (policies.py), the mask and rejected entries are
-dropped from the cache; the prefix is never recomputed.
+whose positions continue the sequence — for a cost-aware `tree` step (cost_model.py) one such span
+anchored at each b_i, seeing b_1 … b_i only (the two-stream rule of training), so the drafts after
+any verdict are ready. The output at the last clean token is the exact AR prediction; the masks'
+outputs are the drafts. After committing (policies.py), the mask and rejected entries — the tail of
+the step — are dropped from the cache; the prefix is never recomputed.
 
 Batching: rows are left-aligned in the step's [B, W] input and right-padded. One cache holds all rows;
 entries a row did not keep become holes, tracked in `valid` [B, S] and hidden by an explicit 4-D mask
 (position ids are per row). Holes are compacted away from time to time (kvcache.compact_rows).
-With one row, or when nothing is ragged, no mask is passed and the model's own causal mask is used.
+With one row, or when nothing is ragged and no row has several spans, no mask is passed and the
+model's own causal mask is used.
 
 Continuous batching (iteration-level scheduling, as Orca and vLLM do): `_Decoder.add` admits new rows
 between steps and finished rows leave after the step that finished them. A new row's prompt is fed in
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from pipeline.batch import CLEAN, PAD
 from pipeline.decode import kvcache
 from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost
 from pipeline.decode.detok import IncrementalText
@@ -43,6 +47,7 @@ from pipeline.decode.policies import (
     speculative_accept,
 )
 from pipeline.errors import FluidError
+from pipeline.model.attention import two_stream_mask
 
 if TYPE_CHECKING:
     from pipeline.decode.sampler import Sampler
@@ -82,7 +87,8 @@ class StreamChunk:
 class _Row:
     """Decoding state of one request."""
 
-    def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None):
+    def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None,
+                 layouts: tuple[str, ...] = ("chain",)):
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
@@ -98,7 +104,7 @@ class _Row:
         if r.policy == "verify" and r.temperature == 0 and costs is not None:
             # greedy verify is lossless: its horizon may follow the machine's timing (cost_model.py);
             # sampling keeps the timing-independent controller, so a seed reproduces on any machine
-            self.horizon = CostAwareHorizon(r.max_horizon, costs)
+            self.horizon = CostAwareHorizon(r.max_horizon, costs, layouts=layouts)
         self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
         self.observe_from = 0  # index in `generated` of observe[0]
         self.prev_hidden: torch.Tensor | None = None
@@ -130,7 +136,7 @@ class _Decoder:
         """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
         greedy_verify = any(r.policy == "verify" and r.temperature == 0 for r in resolved)
         costs = self.s.forward_cost if greedy_verify else None
-        rows = [_Row(r, self.s.tokenizer, costs) for r in resolved]
+        rows = [_Row(r, self.s.tokenizer, costs, self.s.verify_layouts) for r in resolved]
         self.active.extend(rows)
         return rows
 
@@ -184,25 +190,48 @@ class _Decoder:
         self._compact()
         return events
 
+    def _anchors(self, row: _Row, k: int) -> list[int]:
+        """Indices in `row.feed` that the step's mask spans (k − 1 masks each) are anchored at: one per
+        pending token for a cost-aware `tree` step (cost_model.py), otherwise the last token only."""
+        last = len(row.feed) - 1
+        if k > 1 and isinstance(row.horizon, CostAwareHorizon) and row.horizon.tree:
+            return list(range(last - row.n_drafts, last + 1))
+        return [last]
+
     def _forward(self, rows: list[_Row], cache) -> list[tuple[_Row, list[int]]]:
-        """One forward of `rows` against `cache`, whose entries `self.valid` describes."""
+        """One forward of `rows` against `cache`, whose entries `self.valid` describes.
+
+        A row's step input is its clean `feed` followed by its mask spans; the span anchored at feed
+        index a has positions pos(a) + 1, … and sees the cache, feed[0..a] and its own earlier masks
+        (the training layout's two-stream rule, attention.two_stream_mask), so one step may draft for
+        every possible verdict at once."""
         s = self.s
         ks = [self._horizon(row) for row in rows]
         if len(rows) > 1:  # price cost-aware horizons at the width the other rows give the batch
-            widths = [len(row.feed) + k - 1 for row, k in zip(rows, ks, strict=True)]
+            widths = [len(row.feed) + len(self._anchors(row, k)) * (k - 1) for row, k in zip(rows, ks, strict=True)]
             top = sorted(widths)[-2:]
             ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
                   else k for row, k, w in zip(rows, ks, widths, strict=True)]
-        blocks = [row.feed + [s.mask_token_id] * (k - 1) for row, k in zip(rows, ks, strict=True)]
-        lens = torch.tensor([len(b) for b in blocks])
+        anchors = [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
+        lens = torch.tensor([len(row.feed) + len(a) * (k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)])
         b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(cache)
         ids = torch.full((b_sz, width), s.mask_token_id, dtype=torch.long)
-        for i, blk in enumerate(blocks):
-            ids[i, : len(blk)] = torch.tensor(blk)
-        pos = torch.tensor([row.pos for row in rows])[:, None] + torch.arange(width)[None, :]
+        local = torch.arange(width).repeat(b_sz, 1)  # position within the step input
+        span = torch.full((b_sz, width), PAD, dtype=torch.long)
+        anchor = local.clone()
+        for i, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
+            f = len(row.feed)
+            ids[i, :f] = torch.tensor(row.feed)
+            span[i, :f] = CLEAN
+            for j, a in enumerate(anc):
+                lo = f + j * (k - 1)
+                local[i, lo : lo + k - 1] = torch.arange(a + 1, a + k)
+                span[i, lo : lo + k - 1] = j
+                anchor[i, lo : lo + k - 1] = a
+        pos = torch.tensor([row.pos for row in rows])[:, None] + local
         mask = None
-        if bool((lens != width).any()) or not bool(self.valid.all()):
-            mask = self._mask(self.valid, lens, past, width)
+        if bool((lens != width).any()) or not bool(self.valid.all()) or any(len(a) > 1 for a in anchors):
+            mask = self._mask(self.valid, local, span, anchor, past)
         first = [len(row.feed) - 1 - row.n_drafts for row in rows]  # first output each row reads
         keep = width - min(first)
         want_hidden = any(row.r.policy == "khead" for row in rows)
@@ -213,10 +242,10 @@ class _Decoder:
         logits[..., s.banned_ids] = float("-inf")
         off = width - keep
         keeps, events = [], []
-        for b, (row, k) in enumerate(zip(rows, ks, strict=True)):
+        for b, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
             lg = logits[b, first[b] - off : int(lens[b]) - off]
             if row.r.policy == "verify":
-                tokens, kept = self._verify(row, lg)
+                tokens, kept = self._verify(row, lg, [a - first[b] for a in anc], k - 1)
             else:
                 tokens, kept = self._draft(row, lg, k), len(row.feed)
                 if want_hidden:
@@ -224,26 +253,25 @@ class _Decoder:
                 row.feed, row.n_drafts = list(tokens), 0
             keeps.append(kept)
             row.pos += kept
-            row.stats.mask_tokens += k - 1
+            row.stats.mask_tokens += len(anc) * (k - 1)
             events.append((row, self._commit(row, tokens)))
             if row.observe:
                 self._judge_probe(row)
         kmax = max(keeps)
-        kvcache.drop_last(cache, width - kmax)
+        kvcache.drop_last(cache, width - kmax)  # masks come after every clean token: kept entries lead
         dev = s.device
         new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
         self.valid = torch.cat([self.valid, new_valid], dim=1)
         return events
 
-    def _mask(self, valid: torch.Tensor, lens: torch.Tensor, past: int, width: int) -> torch.Tensor:
+    def _mask(self, valid: torch.Tensor, local: torch.Tensor, span: torch.Tensor, anchor: torch.Tensor,
+              past: int) -> torch.Tensor:
+        """[B, 1, W, past + W]: the cache entries a row holds, then the step input's two-stream rule
+        (padding queries see only themselves: no empty rows, no NaN)."""
         dev = self.s.device
-        real = (torch.arange(width)[None, :] < lens[:, None]).to(dev)
-        key_ok = torch.cat([valid, real], dim=1)  # [B, past + W]
-        causal = torch.ones(width, past + width, dtype=torch.bool, device=dev).tril(diagonal=past)
-        m = key_ok[:, None, :] & causal[None]
-        diag = torch.arange(width, device=dev)
-        m[:, diag, past + diag] = True  # padding queries see themselves: no empty rows, no NaN
-        m = m[:, None]
+        m = two_stream_mask(local.to(dev), span.to(dev), anchor.to(dev))
+        if past:
+            m = torch.cat([valid[:, None, None, :].expand(-1, 1, m.shape[2], -1), m], dim=-1)
         if self.s.attn_impl == "sdpa":
             return m
         if self.s.attn_impl.startswith("flash"):
@@ -264,11 +292,12 @@ class _Decoder:
             row.horizon.update(k, n)
         return chosen[:n].tolist()
 
-    def _verify(self, row: _Row, lg: torch.Tensor) -> tuple[list[int], int]:
-        """lg = AR outputs at b_1 … b_n, then the mask outputs. Returns (committed, cache entries kept)."""
+    def _verify(self, row: _Row, lg: torch.Tensor, anchors: list[int], span_len: int) -> tuple[list[int], int]:
+        """lg = AR outputs at b_1 … b_n, then the mask spans (`span_len` each), anchored at b_{a+1} for
+        a in `anchors`. Returns (committed, cache entries kept)."""
         r, nd = row.r, row.n_drafts
         drafts = row.feed[len(row.feed) - nd :]
-        ar, masks = lg[: nd + 1], lg[nd + 1 :]
+        ar = lg[: nd + 1]
         m = 0
         if r.temperature == 0:
             pred = ar.argmax(dim=-1).tolist()
@@ -287,9 +316,11 @@ class _Decoder:
         if row.horizon is not None:
             row.horizon.update(nd + 1, m + 1)
         new, qs = [], []
-        if m == nd and masks.shape[0]:
+        if span_len and m in anchors:  # the span anchored at the last committed token b_{m+1}
+            lo = nd + 1 + anchors.index(m) * span_len
+            masks = lg[lo : lo + span_len]
             if r.temperature == 0:
-                new = self._propose(row, masks)
+                new = self._propose(row, masks, len(row.generated) + m + 1)
                 if row.horizon is not None and row.horizon.probing:
                     # A probe is only observed: its drafts are compared with the tokens the next
                     # AR steps commit, so a failing probe costs one mask token, not a wider forward.
@@ -309,8 +340,9 @@ class _Decoder:
             row.horizon.update(len(obs) + 1, hits + 1)
             row.observe = []
 
-    def _propose(self, row: _Row, masks: torch.Tensor) -> list[int]:
-        """Greedy drafts for `verify` (the argmax of each mask output); tests swap in oracle drafts."""
+    def _propose(self, row: _Row, masks: torch.Tensor, start: int) -> list[int]:
+        """Greedy drafts for `verify` (the argmax of each mask output) of the tokens from index `start`
+        of `row.generated` on; tests swap in oracle drafts."""
         return masks.argmax(dim=-1).tolist()
 
     def _commit(self, row: _Row, tokens: list[int]) -> list[int]:

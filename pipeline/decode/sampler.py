@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.decode.cost_model import ForwardCost, calibrate
+from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate
 from pipeline.decode.decoder import (
     GenerationResult,
     GenerationStats,
@@ -48,7 +48,8 @@ class Sampler:
 
     def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = 16,
                  horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None,
-                 forward_cost: ForwardCost | list[float] | None = None):
+                 forward_cost: ForwardCost | list[float] | None = None,
+                 verify_layouts: tuple[str, ...] = LAYOUTS):
         if not isinstance(k_max, int) or k_max < 1:
             raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
         # input vocabulary: a frozen-base drafter reads [M] from a vector of its own, outside the base
@@ -87,13 +88,24 @@ class Sampler:
         if forward_cost is not None and not isinstance(forward_cost, ForwardCost):
             forward_cost = ForwardCost(forward_cost)
         self._forward_cost = forward_cost
+        if not verify_layouts or any(x not in LAYOUTS for x in verify_layouts):
+            raise FluidError(f"verify_layouts must be a non-empty subset of {LAYOUTS}, got {list(verify_layouts)}")
+        self.verify_layouts = tuple(verify_layouts)  # the step layouts greedy verify may use (cost_model.py)
+
+    @property
+    def step_masks(self) -> int:
+        """The most mask tokens one row feeds in one step (transient KV entries, cropped after it):
+        k_max − 1 for a chain, K·(K − 1) for a tree of K = min(k_max, TREE_MAX_K)."""
+        tree = min(self.k_max, TREE_MAX_K) if "tree" in self.verify_layouts else 0
+        return max(self.k_max - 1, tree * (tree - 1))
 
     @property
     def forward_cost(self) -> ForwardCost:
         """Relative forward cost by width that greedy `verify` plans with: given at construction, or
         measured on this device the first time it is needed (`cost_model.calibrate`)."""
         if self._forward_cost is None:
-            self._forward_cost = calibrate(self.model, token_id=self.mask_token_id)
+            clean = 0 if self.mask_token_id != 0 else 1
+            self._forward_cost = calibrate(self.model, token_id=clean, mask_token_id=self.mask_token_id)
         return self._forward_cost
 
     @classmethod

@@ -9,7 +9,8 @@ Out: a `Ticket` whose `chunks()` yields one `StreamChunk` per decoding step (sev
 How (iteration-level scheduling, as Orca and vLLM do): one `sampler.decoder` holds every running
 request. Between two steps, waiting requests join it (FIFO) while rows are free (`max_batch_size`) and
 the KV budget allows; finished and cancelled rows leave it after the step that ended them. The budget
-counts context tokens per row (prompt + max_tokens + k_max) times the rows, at the widest row's
+counts context tokens per row (prompt + max_tokens + the masks one step feeds, `Sampler.step_masks`,
++ 1) times the rows, at the widest row's
 count, because the rows share one cache length. Steps run in a single worker thread, so the event
 loop keeps serving HTTP. With nothing running, the first waiting request waits at most
 `batch_wait_timeout_s` for company. Cancel (client gone): a waiting request leaves the queue; a
@@ -97,7 +98,8 @@ class Engine:
         self.max_batch = max(1, int(max_batch_size))
         self.batch_wait = max(0.0, float(batch_wait_timeout_s))
         self.max_queued = max(0, int(max_queued_requests))
-        self.kv_budget = int(max_kv_tokens or DEFAULT_KV_ROWS * ((sampler.context or 4096) + sampler.k_max))
+        self.step_room = sampler.step_masks + 1  # a row's transient masks in one step (+1: as k_max was)
+        self.kv_budget = int(max_kv_tokens or DEFAULT_KV_ROWS * ((sampler.context or 4096) + self.step_room))
         self.metrics = metrics or Metrics()
         self.waiting: deque[Ticket] = deque()
         self.running: list[Ticket] = []
@@ -116,10 +118,10 @@ class Engine:
         """Queue `req`; with stream=False only the final chunk (with the result) is delivered."""
         self.check()
         r = self.s.resolve(req)  # InvalidRequest on bad arguments
-        cost = len(r.prompt_ids) + r.max_tokens + self.s.k_max
+        cost = len(r.prompt_ids) + r.max_tokens + self.step_room
         if cost > self.kv_budget:
-            raise InvalidRequest(f"max_tokens: prompt + max_tokens ({cost - self.s.k_max} tokens) exceed this "
-                                 f"replica's KV budget of {self.kv_budget - self.s.k_max} tokens")
+            raise InvalidRequest(f"max_tokens: prompt + max_tokens ({cost - self.step_room} tokens) exceed this "
+                                 f"replica's KV budget of {self.kv_budget - self.step_room} tokens")
         free_rows = max(0, self.max_batch - len(self.running))
         if len(self.waiting) >= self.max_queued + free_rows:
             self.metrics.rejected()

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost, calibrate
+from pipeline.decode.cost_model import TREE_MAX_K, CostAwareHorizon, ForwardCost, calibrate
 from pipeline.errors import FluidError
 
 # 2-core CPU, SmolLM2-135M (docs): 2–3 tokens ~1.6 AR steps, 8 ~1.6, 16 ~1.9, 32 ~2.5
@@ -40,24 +40,47 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
     for cost in (CPU, FLAT):
         h = CostAwareHorizon(16, cost)
         _observe(h, 0.0, 30, 8)
-        assert h.plan == 1 and h.best() == 1
+        assert h.plan == 1 and h.best() == (1, False)
         assert h.choose(clean=1) == 1 or h.probing  # only a probe's drafts may ride along
 
 
 def test_flat_cost_opens_the_horizon_where_cpu_waits_for_acceptance_to_pay():
-    assert CostAwareHorizon(16, FLAT).plan == 16  # prior acceptance 0.5: free masks are worth trying
-    assert CostAwareHorizon(16, CPU).plan == 1  # the same prior does not pay for 1.6x forwards
+    flat = CostAwareHorizon(16, FLAT)
+    assert (flat.plan, flat.plan_tree) == (TREE_MAX_K, True)  # prior acceptance 0.5: free masks are worth trying
+    # the same prior does not pay for the chain's 1.6x forwards; the tree's width 9 (K = 3, 1.64 AR
+    # steps) commits 1 + 0.5 + 0.25 tokens: 1.07 x AR, just past the 5 % margin
+    assert CostAwareHorizon(16, CPU, layouts=("chain",)).plan == 1
+    cpu = CostAwareHorizon(16, CPU)
+    assert (cpu.plan, cpu.plan_tree) == (3, True)
     flat, cpu = CostAwareHorizon(16, FLAT), CostAwareHorizon(16, CPU)
     for h in (flat, cpu):
-        _observe(h, 0.5, 40, 6)
-    assert flat.plan > 1 and flat.choose() > 1
+        _observe(h, 0.3, 40, 6)
+    assert flat.plan > 1 and flat.choose() > 1 and flat.tree
     assert cpu.plan == 1
     _observe(cpu, 0.95, 40, 6, seed=1)  # acceptance that pays for the width
     assert cpu.plan > 4
 
 
-def test_rate_model_matches_a_simulated_verify_loop():
-    """rate(K) = expected committed tokens per unit cost of the verify pipeline with fixed K."""
+def test_cheap_narrow_widths_pick_the_chain_wide_free_widths_the_tree():
+    """A CPU whose BLAS is flat up to 3 rows and jumps at 4 (this project's fp32 CPUs): the chain at
+    K = 2 (width 3) is the only horizon that pays for moderate acceptance; free widths take the tree."""
+    narrow = ForwardCost({1: 1.0, 2: 1.0, 3: 1.07, 4: 1.52, 8: 1.8, 16: 1.95, 32: 2.3})
+    for cost, want in ((narrow, (2, False)), (FLAT, (8, True))):
+        h = CostAwareHorizon(8, cost, prior_weight=1e9)
+        h.acceptance = lambda: [0.5] * 7
+        assert h.best() == want, cost
+    h = CostAwareHorizon(8, narrow, prior_weight=1e9)
+    h.acceptance = lambda: [0.5] * 7
+    assert h.rates(layout="chain")[1] == pytest.approx(2.0 / (1.07 + 0.5 * 1.0))
+    assert h.rates(layout="tree")[2] == pytest.approx((1 + 0.5 + 0.25) / narrow(9))
+    with pytest.raises(FluidError, match="layouts"):
+        CostAwareHorizon(8, FLAT, layouts=("star",))
+
+
+@pytest.mark.parametrize("layout", ["chain", "tree"])
+def test_rate_model_matches_a_simulated_verify_loop(layout):
+    """rate(K) = expected committed tokens per unit cost of the verify pipeline with fixed K: the chain
+    drafts again after a rejection; the tree has a span at every pending token, so it never has to."""
     accept = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     h = CostAwareHorizon(8, CPU, prior_weight=1e9)
     h.acceptance = lambda: accept
@@ -70,19 +93,20 @@ def test_rate_model_matches_a_simulated_verify_loop():
                 good = 0
                 while good < pending and rng.random() < accept[good]:
                     good += 1
-                cost += CPU(1 + pending + k - 1)
+                spans = pending + 1 if layout == "tree" else 1
+                cost += CPU(1 + pending + spans * (k - 1))
                 tokens += good + 1
-                pending = k - 1 if good == pending else 0
+                pending = k - 1 if good == pending or layout == "tree" else 0
             else:
                 cost += CPU(k)
                 tokens += 1
                 pending = k - 1
-        assert h.rates()[k - 1] == pytest.approx(tokens / cost, rel=0.02), k
-    assert h.rates()[0] == 1.0
+        assert h.rates(layout=layout)[k - 1] == pytest.approx(tokens / cost, rel=0.02), k
+    assert h.rates(layout=layout)[0] == 1.0
 
 
 def test_probes_back_off_when_drafts_keep_failing():
-    h = CostAwareHorizon(16, CPU)
+    h = CostAwareHorizon(16, CPU, layouts=("chain",))  # the prior alone does not pay here
     ks, probes = [], []
     for i in range(600):
         k = h.choose(clean=1)
@@ -104,11 +128,11 @@ def test_probes_back_off_when_drafts_keep_failing():
 
 
 def test_batch_width_and_prompt_make_masks_free():
-    h = CostAwareHorizon(16, CPU)
+    h = CostAwareHorizon(16, CPU, layouts=("chain",))
     h.wait = 0  # no probe due
     assert h.choose(clean=1) == 1 and not h.probing
     assert h.choose(clean=1, floor=9) == 8 and h.probing  # up to the batch's width masks cost nothing
-    h = CostAwareHorizon(16, CPU, probe_budget=0.1)
+    h = CostAwareHorizon(16, CPU, probe_budget=0.1, layouts=("chain",))
     assert h.choose(clean=40) > 2 and h.probing  # the first probe rides along a long prompt
 
 
@@ -118,3 +142,22 @@ def test_calibrate_measures_a_relative_table(tmp_path):
     model = make_tiny_llama(50)
     cost = calibrate(model, widths=(1, 2, 8), past=8, repeats=2)
     assert cost.widths == [1, 2, 8] and cost(1) == 1.0 and cost(2) <= cost(8)
+
+
+def test_calibrate_times_steps_as_decoding_feeds_them():
+    """Width 1 is a clean AR step; a wider step is one clean token then masks — the masks are what a
+    frozen-base drafter's adapter runs on, so an all-mask width 1 would price AR steps too high."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(50)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    calibrate(model, widths=(1, 3), past=4, repeats=1, token_id=5, mask_token_id=49)
+    steps = seen[1:]  # after the prefill of the past
+    assert {tuple(s) for s in steps} == {(5,), (5, 49, 49)}

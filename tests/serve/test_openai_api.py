@@ -263,9 +263,9 @@ def test_engine_admits_mid_flight(sampler):
 def test_engine_overload_cancel_and_kv_budget(sampler):
     async def main():
         eng = Engine(sampler, max_batch_size=2, max_queued_requests=1, batch_wait_timeout_s=0.0,
-                     max_kv_tokens=2 * (2 + 2000 + sampler.k_max))
+                     max_kv_tokens=2 * (2 + 2000 + sampler.step_masks + 1))
         with pytest.raises(InvalidRequest, match="KV budget"):
-            eng.submit(greedy("the cat", max_tokens=4050))
+            eng.submit(greedy("the cat", max_tokens=4090))
         long = [eng.submit(greedy("the cat", max_tokens=2000)) for _ in range(3)]  # 2 run, 1 waits
         with pytest.raises(Overloaded) as ei:
             eng.submit(greedy("the cat"))
