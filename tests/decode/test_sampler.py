@@ -93,8 +93,7 @@ def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
     def wrong(pos):
         return random.Random(seed * 100003 + pos).random() < error_rate if by_position else rng.random() < error_rate
 
-    def propose(self, row, masks):
-        start = len(row.generated) + row.n_drafts + 1
+    def propose(self, row, masks, start):
         ref = refs[tuple(row.r.prompt_ids)]
         out = []
         for j in range(masks.shape[0]):
@@ -118,16 +117,46 @@ def test_verify_accepts_correct_drafts_and_stays_lossless(sampler, tok, monkeypa
 
 
 def test_verify_horizon_opens_with_flat_forward_cost_and_waits_on_cpu(model, tok, mask_id, monkeypatch):
-    """Drafts right half the time pay where widths are free, not at CPU costs; the output is AR's either way."""
+    """Drafts right 30 % of the time pay where widths are free, not at CPU costs; the output is AR's either way."""
     out = {}
     for name, cost in (("flat", [1.0]), ("cpu", CPU_COST)):
         s = Sampler(model, tok, mask_token_id=mask_id, k_max=8, forward_cost=cost)
         ref = ar_tokens(s, PROMPTS, n=60)
-        _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.5)
+        _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.7)
         res = s.generate([req(p, policy="verify", max_tokens=60) for p in PROMPTS])
         assert [r.token_ids for r in res] == ref, name
         out[name] = sum(r.stats.tokens for r in res) / sum(r.stats.forwards for r in res)
     assert out["flat"] > 1.3 and out["cpu"] < 1.1, out
+
+
+def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monkeypatch):
+    """Free widths: a span of masks at every pending token means a rejection costs no drafting step,
+    so the same drafts commit more per forward than with the chain; output and cache stay exact."""
+    tpf, layouts_seen = {}, {}
+    for layouts in (("chain",), ("chain", "tree")):
+        s = Sampler(model, tok, mask_token_id=mask_id, k_max=6, forward_cost=[1.0], verify_layouts=layouts)
+        ref = ar_tokens(s, PROMPTS, n=50)
+        _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.4,
+                by_position=True)
+        dec = s.decoder([req(p, policy="verify", max_tokens=50) for p in PROMPTS[:1]])
+        widths = []
+        while not dec.done:
+            row = dec.active[0]
+            k = dec._horizon(row)
+            widths.append((len(row.feed), len(dec._anchors(row, k))))
+            dec.step()
+            if not dec.done:
+                _check_cache(dec, model)
+        [res] = [s.result(r) for r in dec.rows]
+        assert res.token_ids == ref[0], layouts
+        tpf[layouts] = res.stats.tokens_per_forward
+        layouts_seen[layouts] = max(n for _, n in widths)
+        out = s.generate([req(p, policy="verify", max_tokens=50) for p in PROMPTS])
+        assert [r.token_ids for r in out] == ref, layouts
+    assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "tree")] > 2
+    assert tpf[("chain", "tree")] > 1.15 * tpf[("chain",)], tpf
+    with pytest.raises(FluidError, match="verify_layouts"):
+        Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("star",))
 
 
 @pytest.mark.parametrize("policy,gamma", [("fixed", 1.5), ("threshold", 1.01), ("khead", 2.0), ("entropy", -1e-6)])
@@ -172,14 +201,20 @@ def test_batched_equals_unbatched(sampler, tok, monkeypatch):
     n_single = len(calls)
     batched = sampler.generate(reqs)
     assert len(calls) > n_single
-    for a, b in zip(single, batched, strict=True):
+    for r, a, b in zip(reqs, single, batched, strict=True):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
-        assert a.stats.forwards == b.stats.forwards
+        if not (r.policy == "verify" and r.temperature == 0):  # priced at the batch's width (cost_model.py)
+            assert a.stats.forwards == b.stats.forwards
 
 
-def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["cpu-cost", "flat-cost-tree"])
+def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch, flat):
     """Continuous batching: rows join a running decoder between steps (their prompts prefilled apart,
-    then joined to the cache) and leave when done; every row gets exactly its unbatched output."""
+    then joined to the cache) and leave when done; every row gets exactly its unbatched output (with
+    free widths greedy verify steps use the tree layout: rows with several mask spans in one batch)."""
+    if flat:
+        sampler = Sampler(model, tok, mask_token_id=sampler.mask_token_id, k_max=8,
+                          horizon_head=sampler.horizon_head, forward_cost=[1.0])
     sampler.compact_min = 2
     ref = ar_tokens(sampler, PROMPTS, n=40)
     _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.25,
@@ -190,15 +225,17 @@ def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch):
     single = [sampler.generate([r])[0] for r in reqs]
     arrive = {0: [0], 2: [1, 2], 3: [3], 9: [4, 5]}  # step -> requests arriving before it
     dec = sampler.decoder([])
-    rows, step, joined = {}, 0, []
+    rows, step, joined, spans = {}, 0, [], []
     while step <= max(arrive) or not dec.done:
         for i in arrive.get(step, []):
             [rows[i]] = dec.add([sampler.resolve(reqs[i])])
         joined.append(len(dec.active))
+        spans.append(max(len(dec._anchors(r, dec._horizon(r))) for r in dec.active))
         dec.step()
         _check_cache(dec, model)
         step += 1
     assert max(joined) >= 4  # rows really were decoded together
+    assert max(spans) > 1 or not flat  # with free widths, batches held rows with several mask spans
     for i, want in enumerate(single):
         got = sampler.result(rows[i])
         assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text), i
@@ -239,7 +276,8 @@ def test_elastic_policies_fall_back_to_ar(sampler, tok, monkeypatch, policy):
     _oracle(monkeypatch, {tuple(tok(PROMPTS[0])["input_ids"]): ref[0]}, error_rate=1.0)
     [res] = sampler.generate([req(PROMPTS[0], policy=policy, max_tokens=150)])
     assert res.token_ids == ref[0] or policy == "entropy"
-    assert res.stats.forwards == 150 and res.stats.mask_tokens <= 12, res.stats
+    # verify: the prior's first (tree) horizon, then a few one-mask probes
+    assert res.stats.forwards == 150 and res.stats.mask_tokens <= 16, res.stats
 
 
 def test_max_tokens_eos_and_stop_trimming(sampler, tok):
@@ -508,3 +546,13 @@ def test_khead_falls_back_to_ar_when_its_drafts_keep_failing(model, tok, mask_id
     assert res.stats.mask_tokens / res.stats.tokens < 0.5, res.stats
     [ok] = s.generate([req(PROMPTS[0], policy="khead", gamma=0.0, max_tokens=64)])  # drafts pay: K = 8 stays
     assert ok.stats.tokens_per_forward > 4
+
+
+def test_inference_dtype_auto_is_bf16_on_cuda_only():
+    from pipeline.decode.load import inference_dtype
+
+    assert inference_dtype("auto", "cpu") is torch.float32 and inference_dtype("auto", None) is torch.float32
+    assert inference_dtype("auto", "cuda") is torch.bfloat16
+    assert inference_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.raises(FluidError, match="unknown dtype 'int8'"):
+        inference_dtype("int8", "cpu")
