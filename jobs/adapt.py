@@ -59,8 +59,6 @@ def validate(cfg: FluidConfig) -> None:
         raise FluidError(f"data.distill_mix must be in [0, 1], got {cfg.data.distill_mix}")
     if t.drafter == "adapter" and t.lora_rank < 0:
         raise FluidError(f"train.lora_rank must be ≥ 0, got {t.lora_rank}")
-    if t.use_gpu is False and cfg.model.dtype in ("bfloat16", "float16"):
-        raise FluidError(f"model.dtype={cfg.model.dtype} needs train.use_gpu=true (CPU training runs in fp32)")
 
 
 def check_model(path: Path, seq_len: int) -> None:

@@ -65,6 +65,7 @@ def load_sampler(args) -> Sampler:
     cost = [float(x) for x in args.forward_cost.split(",")] if args.forward_cost else None
     if args.model_dir is None:
         model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
+        model = model.to(getattr(torch, args.dtype))
         return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device, forward_cost=cost)
     from pipeline.decode.load import load_sampler as load
 
@@ -73,7 +74,7 @@ def load_sampler(args) -> Sampler:
     if args.mask_token_id is None and not (Path(args.model_dir) / "fluid.json").is_file():
         raise FluidError(f"{args.model_dir} has no fluid.json: give --mask-token-id")
     return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device,
-                forward_cost=cost)
+                forward_cost=cost, dtype=getattr(torch, args.dtype))
 
 
 def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
@@ -128,7 +129,7 @@ def load_base_model(args, sampler: Sampler):
     from pipeline.model.causal_lm import load_causal_lm
     from pipeline.sources.model_source import resolve_model
 
-    return load_causal_lm(resolve_model(spec).path).eval().to(sampler.device)
+    return load_causal_lm(resolve_model(spec).path, dtype=sampler.model.dtype).eval().to(sampler.device)
 
 
 def base_greedy(base, sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool):
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-on-eos", action="store_true", help="stop at EOS (default: fixed lengths)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights and compute of the model under test; HF generate runs the same model "
+                        "(bfloat16 pays on CPUs with AMX or AVX512-BF16, and on GPUs)")
     p.add_argument("--tiny-hidden", type=int, default=64)
     p.add_argument("--tiny-layers", type=int, default=2)
     p.add_argument("--forward-cost", help="relative forward cost of widths 1,2,3,… for verify's horizon "
@@ -273,7 +277,7 @@ def _run(args) -> int:
         })
     print(f"model: {args.model_dir or 'tiny random (untrained mask)'}  prompts: {len(prompts)}  "
           f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
-          f"torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
+          f"dtype: {args.dtype}  torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
     print(f"verify plans with forward cost by width {sampler.forward_cost}")
     head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"

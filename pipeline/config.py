@@ -32,7 +32,8 @@ class ModelConfig:
     """Where resolved models and corpora are cached; default: $FLUID_CACHE_DIR or the user cache dir."""
     mask_token: str = "[M]"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: bfloat16 on CUDA, float32 on CPU (gloo has no bf16 collectives)."""
+    """auto: bfloat16 on CUDA, float32 on CPU. bfloat16 on CPU: fp32 weights, gradients and collectives
+    (gloo has no bf16), the training forward under bf16 autocast (fast on CPUs with AMX / AVX512-BF16)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     trust_remote_code: bool = False
 
@@ -211,9 +212,13 @@ class ServeConfig:
     """Allow custom model code from the export folder (only for exports you trust)."""
     max_kv_tokens: int = 0
     """KV budget per replica in cached token positions, the sum over admitted requests of prompt + max_tokens
-    + k_max; 0 = 8 × (context + k_max): room for 8 full-context requests, or many more short ones."""
+    + the masks one step feeds (k_max − 1, or K·(K − 1) for a tree step) + 1; 0 = room for 8 full-context
+    requests, or many more short ones."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Replica weights and compute: auto = bfloat16 on GPUs, float32 on CPUs; bfloat16 on CPUs with AMX or
+    AVX512-BF16 makes a 16-token forward cost about a 1-token one, so `verify` drafts open up there too."""
     autoscaling: bool = False
     """Autoscale between min_replicas and max_replicas (num_replicas is then ignored)."""
     min_replicas: int = 1

@@ -9,11 +9,16 @@ Order: apply_lora → apply_activation_checkpointing → apply_fsdp2 → build t
 FSDP2 (`torch.distributed.fsdp.fully_shard`) is applied to each decoder layer, then to the root
 (which holds the embeddings, final norm and LM head, so tied embeddings stay one parameter).
 Ray Train's `prepare_model(parallel_strategy="fsdp")` is FSDP1 and CUDA-only, hence this module.
-bf16 mixed precision needs NCCL: gloo has no bf16 collectives, so CPU runs are fp32.
+bf16 mixed precision needs NCCL: gloo has no bf16 collectives, so CPU parameters, gradients and
+collectives stay fp32; with `model.dtype=bfloat16` a CPU run computes its forward under
+`torch.autocast("cpu", bfloat16)` instead (`compute_precision`): matrix products in bf16, which CPUs
+with AMX or AVX512-BF16 run ~1.5x faster for SmolLM2-135M (measured: a frozen-base drafter step of
+4 × 128 clean + 1 024 draft tokens, 5.2 s fp32 → 3.5 s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -33,6 +38,15 @@ def resolve_device(use_gpu: bool, dtype: str) -> tuple[torch.device, bool]:
         raise FluidError("train.use_gpu is true but this worker has no CUDA device")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return device, cuda and dtype in ("auto", "bfloat16")
+
+
+def compute_precision(device: torch.device, dtype: str):
+    """The context a training forward runs in: bf16 autocast on CPU for `model.dtype=bfloat16`
+    (weights, optimizer state and gradients stay fp32), nothing otherwise (CUDA casts through FSDP2's
+    MixedPrecisionPolicy)."""
+    if torch.device(device).type == "cpu" and dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:

@@ -63,6 +63,7 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
     mask annealing)."""
     from pipeline.model.causal_lm import drafter_forward_batch, forward_batch
     from pipeline.model.losses import bidirectional_loss, count_targets, metrics_from_sums, stage1_loss
+    from pipeline.model.parallelize import compute_precision
 
     _, world_size = world()
     k_max, accum = cfg.noise.k_max, cfg.train.grad_accum
@@ -93,10 +94,12 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
             anneal = min(1.0, step / cfg.train.anneal_steps)
             gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
-        if split_drafter:  # frozen base: no autograd through the clean stream (same loss and gradient)
-            logits = drafter_forward_batch(model, batch)
-        else:
-            logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
+        with compute_precision(device, cfg.model.dtype):
+            if split_drafter:  # frozen base: no autograd through the clean stream (same loss and gradient)
+                logits = drafter_forward_batch(model, batch)
+            else:
+                logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
+        logits = logits.float()  # the loss in fp32 also under bf16 autocast
         if cfg.noise.mode == "bidirectional":
             loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
             loss = loss / accum

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--train.global_batch_size=8", "--train.grad_accum=3"], "must be divisible"),
         (["--train.max_steps=0"], "train.max_steps must be ≥ 1"),
         (["--noise.rho=1.5"], r"noise.rho must be in \[0, 1\]"),
-        (["--model.dtype=bfloat16"], "needs train.use_gpu=true"),
+        (["--model.dtype=float16"], "float16 is not supported for training"),
         (["--model.dtype=float16", "--train.use_gpu=true"], "float16 is not supported for training"),
         (["--data.seq_len=1"], "data.seq_len must be ≥ 2"),
     ],
