@@ -73,14 +73,15 @@ def _sampler(rest, record_path, command, load0) -> int:
     from jobs.bench_report import emit, record
 
     names = {"policy": "policy", "tokens_per_forward": "tokens/forward", "tokens_per_s": "tokens/s",
-             "speedup_vs_hf": "× HF", "speedup_vs_ar": "× ar", "prefix_agreement": "prefix agreement",
+             "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar", "prefix_agreement": "prefix agreement",
              "match_rate": "match rate", "base_nll": "base NLL"}
     rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
     elastic = [r["speedup_vs_ar"] for r in raw["rows"] if r["policy"] in ("entropy", "verify")]
     goals = [{"goal": "elastic policies never slower than AR (≥ 0.95× our ar loop)", "value": min(elastic),
               "met": min(elastic) >= 0.95}] if elastic else []
     emit(record("sampler", list(names.values()), rows, goals=goals, load_before=load0, command=command,
-                settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"]}),
+                settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"],
+                          "hf_stock_tokens_per_s": raw["hf_stock_tokens_per_s"], "matmul": raw["matmul"]}),
          record_path)
     return 0
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.decode.cost_model import check_layouts
+from pipeline.decode.matmul import MATMUL_LAYOUTS, apply_matmul, set_matmul
 from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
 from pipeline.decode.sampler import GenerationRequest, Sampler
 from pipeline.errors import FluidError
@@ -66,7 +68,10 @@ def load_sampler(args) -> Sampler:
     if args.model_dir is None:
         model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
         model = model.to(getattr(torch, args.dtype))
-        return Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device, forward_cost=cost)
+        sampler = Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device, forward_cost=cost)
+        sampler.matmul = apply_matmul(sampler.model, args.matmul, token_id=sampler.clean_probe_id,
+                                      mask_token_id=mask_id)
+        return sampler
     from pipeline.decode.load import load_sampler as load
 
     if not Path(args.model_dir).is_dir():
@@ -74,7 +79,7 @@ def load_sampler(args) -> Sampler:
     if args.mask_token_id is None and not (Path(args.model_dir) / "fluid.json").is_file():
         raise FluidError(f"{args.model_dir} has no fluid.json: give --mask-token-id")
     return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device,
-                forward_cost=cost, dtype=getattr(torch, args.dtype))
+                forward_cost=cost, dtype=getattr(torch, args.dtype), matmul=args.matmul)
 
 
 def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
@@ -180,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-on-eos", action="store_true", help="stop at EOS (default: fixed lengths)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    p.add_argument("--verify-layouts", default="chain,tree",
+                   help="step layouts greedy verify may use: chain, tree or both (docs/method.md §8)")
+    p.add_argument("--matmul", choices=("auto", *MATMUL_LAYOUTS), default="auto",
+                   help="operand order of narrow products (pipeline/decode/matmul.py; auto: the faster here). "
+                        "HF generate runs on the same modules; with a non-stock layout it is also timed "
+                        "on the stock one (column x HF0: the speed-up a user of plain HF generate sees)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights and compute of the model under test; HF generate runs the same model "
                         "(bfloat16 pays on CPUs with AMX or AVX512-BF16, and on GPUs)")
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     sampler = load_sampler(args)
+    sampler.verify_layouts = check_layouts([x.strip() for x in args.verify_layouts.split(",") if x.strip()])
     _ = sampler.forward_cost  # measured before any timing
     prompts = DEFAULT_PROMPTS
     if args.corpus_prompts:
@@ -231,6 +243,12 @@ def _run(args) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         if method == "hf":
             toks, res = hf_generate(sampler, prompt_ids, args.max_tokens, args.stop_on_eos), None
+        elif method == "hf0":  # HF generate on the stock layout
+            set_matmul(sampler.model, "stock")
+            try:
+                toks, res = hf_generate(sampler, prompt_ids, args.max_tokens, args.stop_on_eos), None
+            finally:
+                set_matmul(sampler.model, sampler.matmul)
         elif args.batch:
             res = sampler.generate(requests(method))
             toks = [r.token_ids for r in res]
@@ -241,7 +259,7 @@ def _run(args) -> int:
         n = sum(len(t) for t in toks)
         return n / dt, n / max(cpu, 1e-9), toks, res
 
-    methods = ["hf", *policies]
+    methods = ["hf", *(["hf0"] if sampler.matmul != "stock" else []), *policies]
     run("ar")  # warm-up
     tps = {m: [] for m in methods}
     cps = {m: [] for m in methods}  # tokens per CPU-second: less sensitive to other load on the machine
@@ -268,6 +286,8 @@ def _run(args) -> int:
             "policy": m, "tokens_per_forward": ntok / max(1, forwards), "tokens_per_s": statistics.median(tps[m]),
             "speedup_vs_hf": statistics.median(a / b for a, b in zip(tps[m], tps["hf"], strict=True)),
             "speedup_vs_ar": statistics.median(a / b for a, b in zip(tps[m], tps["ar"], strict=True)),
+            "speedup_vs_hf_stock": statistics.median(a / b for a, b in zip(tps[m], tps.get("hf0", tps["hf"]),
+                                                                           strict=True)),
             "cpu_speedup_vs_ar": statistics.median(a / b for a, b in zip(cps[m], cps["ar"], strict=True)),
             "prefix_agreement": statistics.mean(a for a, _ in agree),
             "match_rate": statistics.mean(b for _, b in agree),
@@ -279,13 +299,18 @@ def _run(args) -> int:
           f"max_tokens: {args.max_tokens}  rounds: {args.repeats}  batch: {args.batch}  "
           f"dtype: {args.dtype}  torch threads: {torch.get_num_threads()}  TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}")
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
-    print(f"verify plans with forward cost by width {sampler.forward_cost}")
-    head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
+    if "hf0" in tps:
+        print(f"HF greedy generate, stock matmul layout: {statistics.median(tps['hf0']):.1f} tok/s "
+              f"(x HF0 below; x HF is on this run's layout, {sampler.matmul})")
+    print(f"verify plans with forward cost by width {sampler.forward_cost}, layouts {'+'.join(sampler.verify_layouts)}; "
+          f"matmul layout {sampler.matmul}")
+    head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x HF0':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
             f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}{'=base':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['policy']:<10}{r['tokens_per_forward']:>8.2f}{r['tokens_per_s']:>9.1f}{r['speedup_vs_hf']:>7.2f}"
+              f"{r['speedup_vs_hf_stock']:>7.2f}"
               f"{r['speedup_vs_ar']:>7.2f}{r['cpu_speedup_vs_ar']:>9.2f}{r['prefix_agreement']:>8.3f}{r['match_rate']:>7.3f}{r['masks_per_token']:>9.3f}"
               f"{r['base_nll']:>9.3f}{r['base_prefix_agreement']:>7.3f}")
     elastic = [r["speedup_vs_ar"] for r in rows if r["policy"] in ("entropy", "verify")]
@@ -293,6 +318,8 @@ def _run(args) -> int:
         print(f"worst elastic policy vs ar: {min(elastic):.3f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"hf_tokens_per_s": statistics.median(tps["hf"]),
+                                               "hf_stock_tokens_per_s": statistics.median(tps.get("hf0", tps["hf"])),
+                                               "matmul": sampler.matmul,
                                                "ar_equals_hf": hf_same, "rows": rows}, indent=2))
     return 0
 

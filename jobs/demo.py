@@ -79,10 +79,17 @@ def recipe_self_distill(cfg, out: Path, log) -> list[str]:
     return [f"--data.distilled={_distill_for_demo(cfg, out, log)}", "--data.distill_mix=0.5"]
 
 
+# The drafter's adapter on q, o, gate and down only: at equal CPU time it drafted as well as one on all
+# seven projections (README, "Drafts the verifier accepts") with 120 instead of 210 adapted modules, and
+# each adapted module adds small matrix products to every decoding step that carries masks. No
+# restoration noise: decoding never reveals a draft position.
+DRAFTER_ARGS = ["--train.drafter=adapter", "--train.lora_rank=32", "--train.lora_alpha=64", "--train.lr=1e-3",
+                "--train.lora_targets=[q_proj,o_proj,gate_proj,down_proj]", "--noise.rho=0"]
+
+
 def recipe_frozen_base(cfg, out: Path, log) -> list[str]:
     """Frozen base + a drafter (gated LoRA on draft tokens) trained on the model's own greedy continuations."""
-    return [f"--data.distilled={_distill_for_demo(cfg, out, log)}", "--data.distill_mix=1.0",
-            "--train.drafter=adapter", "--train.lora_rank=16", "--train.lora_alpha=32", "--train.lr=1e-3"]
+    return [f"--data.distilled={_distill_for_demo(cfg, out, log)}", "--data.distill_mix=1.0", *DRAFTER_ARGS]
 
 
 # demo.drafts → a function (cfg, output folder, log) → extra `fluid adapt` overrides. Recipes that

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.decode.load import inference_dtype, load_sampler
 
     sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max,
-                           forward_cost=s.forward_cost, dtype=inference_dtype(cfg.model.dtype, "cpu"))
+                           forward_cost=s.forward_cost, dtype=inference_dtype(cfg.model.dtype, "cpu"), matmul=s.matmul)
     prompts = args.prompt
     if args.chat:
         if not getattr(sampler.tokenizer, "chat_template", None):

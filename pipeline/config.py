@@ -164,6 +164,9 @@ class SamplerConfig:
     forward_cost: list[float] = field(default_factory=list)
     """Relative forward cost by width 1, 2, 3, … that greedy `verify` plans its horizon with;
     empty = measure it on the device at load (a few seconds on CPU)."""
+    matmul: Literal["auto", "stock", "weight_left"] = "auto"
+    """Operand order of the narrow matrix products of decoding (pipeline/decode/matmul.py): auto = the
+    faster of the two measured at load on a CPU (stock on GPUs). Changes speed, not output."""
 
 
 @dataclass
@@ -219,6 +222,8 @@ class ServeConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Replica weights and compute: auto = bfloat16 on GPUs, float32 on CPUs; bfloat16 on CPUs with AMX or
     AVX512-BF16 makes a 16-token forward cost about a 1-token one, so `verify` drafts open up there too."""
+    matmul: Literal["auto", "stock", "weight_left"] = "auto"
+    """Operand order of the replica's narrow matrix products (as sampler.matmul); auto = measured at load."""
     autoscaling: bool = False
     """Autoscale between min_replicas and max_replicas (num_replicas is then ignored)."""
     min_replicas: int = 1

@@ -115,15 +115,32 @@ class ForwardCost:
         return f"ForwardCost({dict(zip(self.widths, (round(c, 3) for c in self.costs), strict=True))})"
 
 
+def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
+    """The step layouts greedy verify may use, checked: a non-empty subset of LAYOUTS."""
+    out = tuple(layouts)
+    if not out or any(x not in LAYOUTS for x in out):
+        raise FluidError(f"verify layouts must be a non-empty subset of {', '.join(LAYOUTS)}, got {list(out)}")
+    return out
+
+
 @torch.inference_mode()
 def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 32, repeats: int = 3,
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
-    """Measure the forward cost by width on the model's device: a `past`-token KV cache, then one
-    forward of w new tokens per width (interleaved over `repeats` rounds, median), as the sampler runs
-    them: width 1 is one clean token (`token_id`), a wider step one clean token then w − 1 masks
-    (`mask_token_id`; a frozen-base drafter's adapter runs only where masks are: ~200 extra small
-    matrix products per forward for SmolLM2, which a step with masks pays and an AR step does not).
-    Takes ~3 s for SmolLM2-135M on 2 CPU cores, well under a second on a GPU."""
+    """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
+    interleaved rounds), relative to width 1. Takes ~3 s for SmolLM2-135M on 2 CPU cores, well under a
+    second on a GPU."""
+    times = time_widths(model, widths, past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
+    return ForwardCost({w: statistics.median(ts) for w, ts in sorted(times.items())})
+
+
+@torch.inference_mode()
+def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 3, token_id: int = 0,
+                mask_token_id: int | None = None) -> dict[int, list[float]]:
+    """Seconds of one forward of w new tokens after a `past`-token KV cache, per width (one warm-up
+    each, then `repeats` rounds in alternating order), as the sampler runs them: width 1 is one clean
+    token (`token_id`), a wider step one clean token then w − 1 masks (`mask_token_id`; a frozen-base
+    drafter's adapter runs only where masks are: ~200 extra small matrix products per forward for
+    SmolLM2, which a step with masks pays and an AR step does not)."""
     from transformers import DynamicCache
 
     from pipeline.decode import kvcache
@@ -155,7 +172,7 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
         order = list(widths) if r % 2 == 0 else list(reversed(widths))
         for w in order:
             times[w].append(once(w))
-    return ForwardCost({w: statistics.median(ts) for w, ts in sorted(times.items())})
+    return times
 
 
 class CostAwareHorizon:
@@ -173,9 +190,7 @@ class CostAwareHorizon:
                  decay: float = 0.9, margin: float = 0.05, probe_budget: float = 0.1, probe_cap: int = 8,
                  probe_share: float = 0.04, min_share: float = 1 / 256,
                  layouts: Sequence[str] = LAYOUTS):
-        if not layouts or any(x not in LAYOUTS for x in layouts):
-            raise FluidError(f"verify layouts must be a non-empty subset of {LAYOUTS}, got {list(layouts)}")
-        self.cap, self.cost, self.layouts = max(1, int(cap)), cost, tuple(layouts)
+        self.cap, self.cost, self.layouts = max(1, int(cap)), cost, check_layouts(layouts)
         self.prior, self.prior_weight, self.decay, self.margin = prior, prior_weight, decay, margin
         self.probe_budget, self.probe_cap = probe_budget, probe_cap
         self.probe_share, self.min_share = probe_share, min_share

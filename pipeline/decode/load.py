@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.matmul import apply_matmul
 from pipeline.decode.sampler import Sampler
 from pipeline.errors import FluidError
 
@@ -39,11 +40,15 @@ def is_export(path: str | Path) -> bool:
 
 def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                  mask_token_id: int | None = None, k_max: int = 16, cache_dir=None,
-                 forward_cost: list[float] | None = None) -> Sampler:
+                 forward_cost: list[float] | None = None, matmul: str = "auto") -> Sampler:
     """The Sampler of an export folder, or of a plain model (`mask_token_id` given, or a resolvable spec).
-    `forward_cost`: relative cost of a forward by width 1, 2, … (None or empty: measure it now)."""
+    `forward_cost`: relative cost of a forward by width 1, 2, … (None or empty: measure it now).
+    `matmul`: the operand order of narrow products (pipeline/decode/matmul.py): auto = the faster one
+    measured on this device, before the forward cost is (the cost table depends on it)."""
     sampler = _load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                     mask_token_id=mask_token_id, k_max=k_max, cache_dir=cache_dir, forward_cost=forward_cost or None)
+    sampler.matmul = apply_matmul(sampler.model, matmul, token_id=sampler.clean_probe_id,
+                                  mask_token_id=sampler.mask_token_id)
     _ = sampler.forward_cost  # calibrate at load, not in the first request
     return sampler
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate
+from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate, check_layouts
 from pipeline.decode.decoder import (
     GenerationResult,
     GenerationStats,
@@ -22,6 +22,7 @@ from pipeline.decode.decoder import (
 )
 from pipeline.decode.detok import TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.matmul import current_matmul
 from pipeline.decode.policies import (
     GenerationRequest,
     InvalidRequest,
@@ -88,9 +89,8 @@ class Sampler:
         if forward_cost is not None and not isinstance(forward_cost, ForwardCost):
             forward_cost = ForwardCost(forward_cost)
         self._forward_cost = forward_cost
-        if not verify_layouts or any(x not in LAYOUTS for x in verify_layouts):
-            raise FluidError(f"verify_layouts must be a non-empty subset of {LAYOUTS}, got {list(verify_layouts)}")
-        self.verify_layouts = tuple(verify_layouts)  # the step layouts greedy verify may use (cost_model.py)
+        self.verify_layouts = check_layouts(verify_layouts)  # the step layouts greedy verify may use
+        self.matmul = current_matmul(model)  # operand order of narrow products (load_sampler chooses it)
 
     @property
     def step_masks(self) -> int:
@@ -104,9 +104,13 @@ class Sampler:
         """Relative forward cost by width that greedy `verify` plans with: given at construction, or
         measured on this device the first time it is needed (`cost_model.calibrate`)."""
         if self._forward_cost is None:
-            clean = 0 if self.mask_token_id != 0 else 1
-            self._forward_cost = calibrate(self.model, token_id=clean, mask_token_id=self.mask_token_id)
+            self._forward_cost = calibrate(self.model, token_id=self.clean_probe_id, mask_token_id=self.mask_token_id)
         return self._forward_cost
+
+    @property
+    def clean_probe_id(self) -> int:
+        """A token id other than the mask, for timing forwards of clean tokens."""
+        return 0 if self.mask_token_id != 0 else 1
 
     @classmethod
     def from_export(cls, path, *, device=None, dtype=None, trust_remote_code: bool = False) -> Sampler:

@@ -89,7 +89,8 @@ def load_replica_sampler(cfg: ServeConfig):
     dtype = inference_dtype(cfg.dtype, device)
     if not cuda and cfg.num_cpus >= 1:
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code), path
+    return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                        matmul=cfg.matmul), path
 
 
 def _param_of(message: str) -> str | None:

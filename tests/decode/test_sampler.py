@@ -155,7 +155,7 @@ def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monk
         assert [r.token_ids for r in out] == ref, layouts
     assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "tree")] > 2
     assert tpf[("chain", "tree")] > 1.15 * tpf[("chain",)], tpf
-    with pytest.raises(FluidError, match="verify_layouts"):
+    with pytest.raises(FluidError, match="verify layouts must be"):
         Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("star",))
 
 
