@@ -69,8 +69,7 @@ def load_sampler(args) -> Sampler:
         model, tok, mask_id = build_tiny(args.tiny_hidden, args.tiny_layers)
         model = model.to(getattr(torch, args.dtype))
         sampler = Sampler(model, tok, mask_token_id=mask_id, k_max=args.k_max, device=args.device, forward_cost=cost)
-        sampler.matmul = apply_matmul(sampler.model, args.matmul, token_id=sampler.clean_probe_id,
-                                      mask_token_id=mask_id)
+        apply_matmul(sampler.model, args.matmul, token_id=sampler.clean_probe_id, mask_token_id=mask_id)
         return sampler
     from pipeline.decode.load import load_sampler as load
 
@@ -248,7 +247,7 @@ def _run(args) -> int:
             try:
                 toks, res = hf_generate(sampler, prompt_ids, args.max_tokens, args.stop_on_eos), None
             finally:
-                set_matmul(sampler.model, sampler.matmul)
+                set_matmul(sampler.model, layout)
         elif args.batch:
             res = sampler.generate(requests(method))
             toks = [r.token_ids for r in res]
@@ -259,7 +258,8 @@ def _run(args) -> int:
         n = sum(len(t) for t in toks)
         return n / dt, n / max(cpu, 1e-9), toks, res
 
-    methods = ["hf", *(["hf0"] if sampler.matmul != "stock" else []), *policies]
+    layout = sampler.matmul
+    methods = ["hf", *(["hf0"] if layout != "stock" else []), *policies]
     run("ar")  # warm-up
     tps = {m: [] for m in methods}
     cps = {m: [] for m in methods}  # tokens per CPU-second: less sensitive to other load on the machine

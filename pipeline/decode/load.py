@@ -47,8 +47,7 @@ def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = N
     measured on this device, before the forward cost is (the cost table depends on it)."""
     sampler = _load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                     mask_token_id=mask_token_id, k_max=k_max, cache_dir=cache_dir, forward_cost=forward_cost or None)
-    sampler.matmul = apply_matmul(sampler.model, matmul, token_id=sampler.clean_probe_id,
-                                  mask_token_id=sampler.mask_token_id)
+    apply_matmul(sampler.model, matmul, token_id=sampler.clean_probe_id, mask_token_id=sampler.mask_token_id)
     _ = sampler.forward_cost  # calibrate at load, not in the first request
     return sampler
 

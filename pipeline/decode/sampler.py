@@ -90,7 +90,6 @@ class Sampler:
             forward_cost = ForwardCost(forward_cost)
         self._forward_cost = forward_cost
         self.verify_layouts = check_layouts(verify_layouts)  # the step layouts greedy verify may use
-        self.matmul = current_matmul(model)  # operand order of narrow products (load_sampler chooses it)
 
     @property
     def step_masks(self) -> int:
@@ -106,6 +105,11 @@ class Sampler:
         if self._forward_cost is None:
             self._forward_cost = calibrate(self.model, token_id=self.clean_probe_id, mask_token_id=self.mask_token_id)
         return self._forward_cost
+
+    @property
+    def matmul(self) -> str:
+        """The operand order of the model's narrow products (pipeline/decode/matmul.py; load_sampler chooses it)."""
+        return current_matmul(self.model)
 
     @property
     def clean_probe_id(self) -> int:
