@@ -16,10 +16,12 @@ Two layouts of a `verify` step with horizon K (D = K − 1 drafts pending, b_1 e
 With a_j the probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the
 expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rates are
 
-    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   tree(K) = (1 + S) / c(K²),
+    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   tree(K) = (1 + S) / (m · c(K²)),
     rate(1) = 1 / c(1),
 
-tokens per unit of cost. Where width is free (a GPU, a bf16 CPU with matrix units) the tree wins:
+tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a tree has
+several spans, so the model cannot take its built-in causal path, e.g. a fused causal kernel; measured
+at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU with matrix units) the tree wins:
 with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width, so widths are priced at least at the width the batch has
@@ -65,9 +67,14 @@ class ForwardCost:
     """Relative cost of one forward by width: `cost(w)`, 1.0 at w = 1.
 
     Built from a list (costs of widths 1, 2, 3, …) or a {width: cost} mapping; made non-decreasing,
-    linearly interpolated between given widths and extrapolated beyond the last with the last slope."""
+    linearly interpolated between given widths and extrapolated beyond the last with the last slope.
+    `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a tree step:
+    several spans), which the model cannot run on its built-in causal path."""
 
-    def __init__(self, table: Sequence[float] | Mapping[int, float]):
+    def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float = 1.0):
+        if not masked >= 1.0:
+            raise FluidError(f"the masked-step factor must be a number >= 1, got {masked}")
+        self.masked = float(masked)
         items = sorted(table.items()) if isinstance(table, Mapping) else list(enumerate(table, start=1))
         if not items:
             raise FluidError("a forward-cost table needs at least one entry (the cost of width 1)")
@@ -112,7 +119,8 @@ class ForwardCost:
         return [round(self(w), 4) for w in range(1, up_to + 1)]
 
     def __repr__(self) -> str:
-        return f"ForwardCost({dict(zip(self.widths, (round(c, 3) for c in self.costs), strict=True))})"
+        table = dict(zip(self.widths, (round(c, 3) for c in self.costs), strict=True))
+        return f"ForwardCost({table}, masked={self.masked:.3f})" if self.masked != 1.0 else f"ForwardCost({table})"
 
 
 def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
@@ -127,20 +135,26 @@ def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
 def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 32, repeats: int = 3,
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
-    interleaved rounds), relative to width 1. Takes ~3 s for SmolLM2-135M on 2 CPU cores, well under a
-    second on a GPU."""
-    times = time_widths(model, widths, past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
-    return ForwardCost({w: statistics.median(ts) for w, ts in sorted(times.items())})
+    interleaved rounds), relative to width 1, and the factor a tree step pays for its explicit mask
+    (widths 4 and 9 — trees of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
+    cores, well under a second on a GPU."""
+    kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
+    times = time_widths(model, widths, **kw)
+    tree_widths = (4, 9)
+    plain, masked = time_widths(model, tree_widths, **kw), time_widths(model, tree_widths, explicit_mask=True, **kw)
+    factor = statistics.median(statistics.median(masked[w]) / statistics.median(plain[w]) for w in tree_widths)
+    return ForwardCost({w: statistics.median(ts) for w, ts in sorted(times.items())}, masked=max(1.0, factor))
 
 
 @torch.inference_mode()
 def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 3, token_id: int = 0,
-                mask_token_id: int | None = None) -> dict[int, list[float]]:
+                mask_token_id: int | None = None, explicit_mask: bool = False) -> dict[int, list[float]]:
     """Seconds of one forward of w new tokens after a `past`-token KV cache, per width (one warm-up
     each, then `repeats` rounds in alternating order), as the sampler runs them: width 1 is one clean
     token (`token_id`), a wider step one clean token then w − 1 masks (`mask_token_id`; a frozen-base
     drafter's adapter runs only where masks are: ~200 extra small matrix products per forward for
-    SmolLM2, which a step with masks pays and an AR step does not)."""
+    SmolLM2, which a step with masks pays and an AR step does not). `explicit_mask`: pass the causal
+    mask as a 4-D attention mask, as the decoder must for a tree step."""
     from transformers import DynamicCache
 
     from pipeline.decode import kvcache
@@ -157,9 +171,10 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
 
     def once(w: int) -> float:
         pos = torch.arange(past, past + w, device=device)[None, :]
+        extra = {"attention_mask": _causal_4d(model, past, w, device)} if explicit_mask else {}
         sync()
         t0 = time.perf_counter()
-        model(input_ids=step[:, :w], position_ids=pos, use_cache=True, logits_to_keep=w, **{kwarg: cache})
+        model(input_ids=step[:, :w], position_ids=pos, use_cache=True, logits_to_keep=w, **extra, **{kwarg: cache})
         sync()
         dt = time.perf_counter() - t0
         kvcache.drop_last(cache, w)
@@ -173,6 +188,15 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
         for w in order:
             times[w].append(once(w))
     return times
+
+
+def _causal_4d(model, past: int, w: int, device) -> torch.Tensor:
+    """[1, 1, w, past + w] causal mask in the form the model's attention takes (bool for SDPA, else additive)."""
+    m = torch.ones(w, past + w, dtype=torch.bool, device=device).tril(past)[None, None]
+    if str(getattr(model.config, "_attn_implementation", "eager")) == "sdpa":
+        return m
+    out = torch.zeros(m.shape, dtype=model.dtype, device=device)
+    return out.masked_fill_(~m, torch.finfo(out.dtype).min)
 
 
 class CostAwareHorizon:
@@ -223,7 +247,7 @@ class CostAwareHorizon:
             surv *= a
             s += surv
             if layout == "tree":
-                out.append((1.0 + s) / c(max(k * k, floor)) if k <= TREE_MAX_K else 0.0)
+                out.append((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= TREE_MAX_K else 0.0)
             else:
                 out.append((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))))
         return out

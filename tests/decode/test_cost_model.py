@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from pipeline.decode.cost_model import TREE_MAX_K, CostAwareHorizon, ForwardCost, calibrate
 from pipeline.errors import FluidError
@@ -159,5 +160,35 @@ def test_calibrate_times_steps_as_decoding_feeds_them():
 
     model.forward = spy
     calibrate(model, widths=(1, 3), past=4, repeats=1, token_id=5, mask_token_id=49)
-    steps = seen[1:]  # after the prefill of the past
-    assert {tuple(s) for s in steps} == {(5,), (5, 49, 49)}
+    steps = [s for s in seen if s != [5] * 4]  # without the prefills of the past
+    # the table's widths, then the tree widths 4 and 9 (with and without an explicit mask)
+    assert {tuple(s) for s in steps} == {(5,), (5, 49, 49), (5, 49, 49, 49), (5,) + (49,) * 8}
+
+
+def test_tree_steps_pay_the_measured_price_of_their_explicit_mask():
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(50)
+    masks = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        if kwargs.get("attention_mask") is not None:
+            masks.append(kwargs["attention_mask"])
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    cost = calibrate(model, widths=(1, 2, 4, 9, 16), past=4, repeats=1)
+    assert cost.masked >= 1.0 and {tuple(m.shape) for m in masks} == {(1, 1, 4, 8), (1, 1, 9, 13)}
+    m = masks[0][0, 0]  # the causal rule over the past 4 entries and the step
+    assert m.dtype == torch.bool and torch.equal(m, torch.ones(4, 8, dtype=torch.bool).tril(4))
+    with pytest.raises(FluidError, match="masked-step factor"):
+        ForwardCost([1.0], masked=0.5)
+    # the same acceptance: a tree priced 1.5x dearer for its mask loses its rate by exactly that factor
+    plain, dear = (CostAwareHorizon(4, ForwardCost([1.0, 1.1, 1.2, 1.3], masked=f), layouts=("tree",))
+                   for f in (1.0, 1.5))
+    for h in (plain, dear):
+        h.hits, h.tries = [0.0, 8.0, 8.0, 8.0], [0.0, 10.0, 10.0, 10.0]
+    for a, b in zip(plain.rates(layout="tree")[1:], dear.rates(layout="tree")[1:], strict=True):
+        assert a == pytest.approx(1.5 * b)
+    assert plain.rates(layout="chain") == dear.rates(layout="chain")
