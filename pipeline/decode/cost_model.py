@@ -53,6 +53,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pipeline.errors import FluidError
+from pipeline.model.attention import to_additive
 from pipeline.model.causal_lm import cache_kwarg
 
 LAYOUTS = ("chain", "tree")
@@ -193,10 +194,7 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
 def _causal_4d(model, past: int, w: int, device) -> torch.Tensor:
     """[1, 1, w, past + w] causal mask in the form the model's attention takes (bool for SDPA, else additive)."""
     m = torch.ones(w, past + w, dtype=torch.bool, device=device).tril(past)[None, None]
-    if str(getattr(model.config, "_attn_implementation", "eager")) == "sdpa":
-        return m
-    out = torch.zeros(m.shape, dtype=model.dtype, device=device)
-    return out.masked_fill_(~m, torch.finfo(out.dtype).min)
+    return m if str(getattr(model.config, "_attn_implementation", "eager")) == "sdpa" else to_additive(m, model.dtype)
 
 
 class CostAwareHorizon:

@@ -47,7 +47,7 @@ from pipeline.decode.policies import (
     speculative_accept,
 )
 from pipeline.errors import FluidError
-from pipeline.model.attention import two_stream_mask
+from pipeline.model.attention import to_additive, two_stream_mask
 
 if TYPE_CHECKING:
     from pipeline.decode.sampler import Sampler
@@ -277,8 +277,7 @@ class _Decoder:
         if self.s.attn_impl.startswith("flash"):
             raise FluidError("batched rows of different lengths need a 4-D mask; load the model with "
                              "attn_implementation='sdpa' or 'eager'")
-        out = torch.zeros(m.shape, dtype=self.s.model.dtype, device=dev)
-        return out.masked_fill_(~m, torch.finfo(out.dtype).min)
+        return to_additive(m, self.s.model.dtype)
 
     def _draft(self, row: _Row, lg: torch.Tensor, k: int) -> list[int]:
         """Non-verify policies: lg [K, V] = the AR output then the K − 1 mask outputs."""
