@@ -73,8 +73,8 @@ def _sampler(rest, record_path, command, load0) -> int:
     from jobs.bench_report import emit, record
 
     names = {"policy": "policy", "tokens_per_forward": "tokens/forward", "tokens_per_s": "tokens/s",
-             "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar", "prefix_agreement": "prefix agreement",
-             "match_rate": "match rate", "base_nll": "base NLL"}
+             "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar",
+             "prefix_agreement": "prefix agreement", "match_rate": "match rate", "base_nll": "base NLL"}
     rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
     elastic = [r["speedup_vs_ar"] for r in raw["rows"] if r["policy"] in ("entropy", "verify")]
     goals = [{"goal": "elastic policies never slower than AR (≥ 0.95× our ar loop)", "value": min(elastic),

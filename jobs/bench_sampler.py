@@ -301,9 +301,9 @@ def _run(args) -> int:
     print(f"HF greedy generate: {statistics.median(tps['hf']):.1f} tok/s; ar == HF on {hf_same}/{len(ref)} prompts")
     if "hf0" in tps:
         print(f"HF greedy generate, stock matmul layout: {statistics.median(tps['hf0']):.1f} tok/s "
-              f"(x HF0 below; x HF is on this run's layout, {sampler.matmul})")
+              f"(x HF0 below; x HF is on this run's layout, {layout})")
     print(f"verify plans with forward cost by width {sampler.forward_cost}, layouts {'+'.join(sampler.verify_layouts)}; "
-          f"matmul layout {sampler.matmul}")
+          f"matmul layout {layout}")
     head = (f"{'policy':<10}{'tok/fwd':>8}{'tok/s':>9}{'x HF':>7}{'x HF0':>7}{'x ar':>7}{'x ar cpu':>9}{'prefix':>8}"
             f"{'match':>7}{'mask/tok':>9}{'base NLL':>9}{'=base':>7}")
     print(head)
@@ -319,7 +319,7 @@ def _run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"hf_tokens_per_s": statistics.median(tps["hf"]),
                                                "hf_stock_tokens_per_s": statistics.median(tps.get("hf0", tps["hf"])),
-                                               "matmul": sampler.matmul,
+                                               "matmul": layout,
                                                "ar_equals_hf": hf_same, "rows": rows}, indent=2))
     return 0
 

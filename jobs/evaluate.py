@@ -218,7 +218,7 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
                      "base_nll": continuation_nll(base_model, prompt_ids, toks), "accepted_hist": hist})
     hf_same = sum(a == b for a, b in zip(ref, last[("hf", None)][0], strict=True))
     table = {"hf_tokens_per_s": statistics.median(tps[("hf", None)]), "ar_equals_hf": hf_same,
-             "matmul": getattr(sampler, "matmul", "stock"),
+             "matmul": sampler.matmul,
              "prompts": len(prompt_ids), "rows": [r for r in rows if r["gamma"] is None]}
     return table, [r for r in rows if r["gamma"] is not None]
 

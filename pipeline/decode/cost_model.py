@@ -21,8 +21,8 @@ expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the st
 
 tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a tree has
 several spans, so the model cannot take its built-in causal path, e.g. a fused causal kernel; measured
-at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU with matrix units) the tree wins:
-with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
+at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU
+with matrix units) the tree wins: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width, so widths are priced at least at the width the batch has
 anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
@@ -140,11 +140,11 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
     (widths 4 and 9 — trees of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
     cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
-    times = time_widths(model, widths, **kw)
     tree_widths = (4, 9)
-    plain, masked = time_widths(model, tree_widths, **kw), time_widths(model, tree_widths, explicit_mask=True, **kw)
-    factor = statistics.median(statistics.median(masked[w]) / statistics.median(plain[w]) for w in tree_widths)
-    return ForwardCost({w: statistics.median(ts) for w, ts in sorted(times.items())}, masked=max(1.0, factor))
+    times = time_widths(model, sorted(set(widths) | set(tree_widths)), **kw)  # the plain tree steps too
+    masked = time_widths(model, tree_widths, explicit_mask=True, **kw)
+    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in tree_widths)
+    return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=max(1.0, factor))
 
 
 @torch.inference_mode()

@@ -30,6 +30,7 @@ import statistics
 import torch
 from torch import nn
 
+from pipeline.decode.cost_model import time_widths
 from pipeline.errors import FluidError
 
 MATMUL_LAYOUTS = ("stock", "weight_left")
@@ -87,8 +88,6 @@ def choose_matmul(model: nn.Module, *, widths=(1, 2, 4, 8), rounds: int = 5, tok
         set_matmul(model, "stock")
         return "stock"
     if timer is None:
-        from pipeline.decode.cost_model import time_widths
-
         def timer(m, ws):
             return time_widths(m, ws, repeats=1, token_id=token_id, mask_token_id=mask_token_id)
 
