@@ -45,15 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     # multi-node: a local corpus and the tokenizer are staged under train.storage_path for the readers
     root = stage_root(cfg.train.storage_path)
     stats = data.PipelineStats()
-    ds = data.build_dataset(cfg.data, cfg.noise, tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id,
-                            split=args.split, epoch=args.epoch, stats=stats, cache_dir=cfg.model.cache_dir,
-                            stage_root=root)
+    build = dict(tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id, split=args.split,
+                 epoch=args.epoch, stats=stats, cache_dir=cfg.model.cache_dir, stage_root=root)
     if existing:
         data.remove_files(args.output, existing)
     t0 = time.perf_counter()
-    from pipeline.data.streaming import ROW_GROUP_ROWS
+    from pipeline.data.streaming import ROW_GROUP_ROWS  # the unit a training worker reads
 
-    data.write_parquet(ds, args.output, row_group_rows=ROW_GROUP_ROWS)  # the unit a training worker reads
+    if cfg.data.shuffle:  # one globally sorted order: written from this process, in that order
+        data.write_parquet(data.build_dataset(cfg.data, cfg.noise, **build), args.output, row_group_rows=ROW_GROUP_ROWS)
+    else:  # storage order: each unit written by the pipeline's own tasks, one shard per unit
+        data.write_shards(cfg.data, cfg.noise, args.output, row_group_rows=ROW_GROUP_ROWS, **build)
     summary = stats.summary(seconds=time.perf_counter() - t0)
     summary.update(output=str(args.output), split=args.split, epoch=args.epoch, model=cfg.model.spec,
                    mask_token_id=resolved.mask_token_id, config={"data": vars(cfg.data), "noise": vars(cfg.noise)})

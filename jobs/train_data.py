@@ -59,10 +59,9 @@ def prepare_train_shards(cfg, resolved, run: str, *, stage_root: str | None = No
     if cfg.data.distilled:
         s = write_mixed(cfg, resolved, path, stage_root=stage_root)
     else:
-        ds = data.build_dataset(dataclasses.replace(cfg.data, shuffle=False), cfg.noise,
-                                tokenizer_path=resolved.path, mask_token_id=resolved.mask_token_id, split="train",
-                                epoch=0, stats=stats, cache_dir=cfg.model.cache_dir, stage_root=stage_root)
-        data.write_parquet(ds, path, row_group_rows=ROW_GROUP_ROWS)
+        data.write_shards(cfg.data, cfg.noise, path, row_group_rows=ROW_GROUP_ROWS, tokenizer_path=resolved.path,
+                          mask_token_id=resolved.mask_token_id, split="train", epoch=0, stats=stats,
+                          cache_dir=cfg.model.cache_dir, stage_root=stage_root)
         s = stats.summary(seconds=time.perf_counter() - t0)
     if s["sequences"] == 0:
         raise FluidError("the training split produced no sequences: add data or lower data.seq_len")
@@ -74,7 +73,6 @@ def prepare_train_shards(cfg, resolved, run: str, *, stage_root: str | None = No
 def write_mixed(cfg, resolved, path: str, *, stage_root: str | None = None) -> dict:
     """Natural and distilled rows, mixed in order (module docstring), as Parquet under `path`."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.batch import DTYPES, columns_for
@@ -103,8 +101,8 @@ def write_mixed(cfg, resolved, path: str, *, stage_root: str | None = None) -> d
 
     def flush() -> None:
         nonlocal n_files
-        table = pa.table({c: _column(np.stack([np.asarray(r[c]) for r in chunk]).astype(DTYPES[c]))
-                          for c in columns})
+        table = data.arrow_table({c: np.stack([np.asarray(r[c]) for r in chunk]).astype(DTYPES[c])
+                                  for c in columns})
         pq.write_table(table, f"{root}/part-{n_files:06d}.parquet", filesystem=data._arrow_fs(fs),
                        row_group_size=ROW_GROUP_ROWS)
         n_files += 1
@@ -122,12 +120,3 @@ def write_mixed(cfg, resolved, path: str, *, stage_root: str | None = None) -> d
     print(f"[fluid] training rows: {n_rows:,}, {n_distilled:,} distilled from {len(prompts)} continuations in "
           f"{cfg.data.distilled} (data.distill_mix = {share})", flush=True)
     return {"sequences": n_rows, "distilled_rows": n_distilled, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _column(values):
-    """(n, T) → a fixed-size-list Arrow column; (n,) → a plain one."""
-    import pyarrow as pa
-
-    if values.ndim == 1:
-        return pa.array(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])

@@ -21,6 +21,7 @@ tasks or actors. Counters flow out of the tasks into a small actor, keyed by fil
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -160,18 +161,30 @@ class _TokenizeStage:
 
 
 def _pack_noise_stage(batch: pa.Table, *, params: Params, sink) -> dict[str, np.ndarray]:
-    tokens = batch.column("tokens").combine_chunks()
-    values = tokens.values.to_numpy()
-    offsets = tokens.offsets.to_numpy()
-    parts = []
-    for i, (uid, docs) in enumerate(zip(batch.column("unit_id").to_pylist(), batch.column("documents").to_pylist(),
-                                        strict=True)):
-        cols, counts = pack_and_noise(uid, values[offsets[i]:offsets[i + 1]], docs, params)
-        parts.append(cols)
-        _report(sink, "units", uid, counts)
+    parts = [cols for _, cols in _packed_units(batch, params, sink)]
     if not parts:
         return {}
     return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
+def _pack_write_stage(batch: pa.Table, *, params: Params, sink, root: str, row_group_rows: int) -> pa.Table:
+    """`_pack_noise_stage` that writes each unit's rows to its own shard (`write_unit`) and returns only
+    (unit_id, rows): the rows never travel back through the object store."""
+    fs, base, _ = _fs(root)
+    done = [(uid, write_unit(fs, base, uid, cols, row_group_rows)) for uid, cols in _packed_units(batch, params, sink)]
+    return pa.table({"unit_id": pa.array([u for u, _ in done], pa.int64()),
+                     "rows": pa.array([n for _, n in done], pa.int64())})
+
+
+def _packed_units(batch: pa.Table, params: Params, sink) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    tokens = batch.column("tokens").combine_chunks()
+    values = tokens.values.to_numpy()
+    offsets = tokens.offsets.to_numpy()
+    for i, (uid, docs) in enumerate(zip(batch.column("unit_id").to_pylist(), batch.column("documents").to_pylist(),
+                                        strict=True)):
+        cols, counts = pack_and_noise(uid, values[offsets[i]:offsets[i + 1]], docs, params)
+        _report(sink, "units", uid, counts)
+        yield uid, cols
 
 
 def init_ray(**kwargs) -> None:
@@ -194,11 +207,14 @@ def init_ray(**kwargs) -> None:
 def build_dataset(data_cfg: DataConfig, noise_cfg: NoiseConfig, *, tokenizer_path, mask_token_id: int,
                   split: str | None = "train", epoch: int = 0, stats: PipelineStats | None = None,
                   cache_dir=None, unit_chars: int = UNIT_CHARS, override_num_blocks: int | None = None,
-                  tokenizers_parallelism: bool | None = None, stage_root: str | None = None) -> ray.data.Dataset:
+                  tokenizers_parallelism: bool | None = None, stage_root: str | None = None,
+                  write_to: str | None = None, row_group_rows: int = 0) -> ray.data.Dataset:
     """The lazy Ray Data pipeline (module docstring). `split=None` keeps every split; `stats` collects
     the summary; `override_num_blocks` only changes the layout, never the rows. `stage_root` (multi-node
     clusters, pipeline/train/cluster.py): local corpus files and the tokenizer are staged there first, so
-    the read and tokenize tasks open them from any node."""
+    the read and tokenize tasks open them from any node. `write_to` (a folder every node sees, or a
+    URL; unshuffled data only): each unit's rows are written there as one shard (`write_unit`) and the
+    dataset holds only (unit_id, rows) — use `write_shards`."""
     params = make_params(data_cfg, noise_cfg, tokenizer_path=tokenizer_path, mask_token_id=mask_token_id,
                          epoch=epoch)
     if data_cfg.tokenizer_actors < 1:
@@ -222,6 +238,11 @@ def build_dataset(data_cfg: DataConfig, noise_cfg: NoiseConfig, *, tokenizer_pat
                         compute=ray.data.ActorPoolStrategy(size=data_cfg.tokenizer_actors),
                         fn_constructor_kwargs=dict(tokenizer_path=str(tokenizer_path), eos_id=params.eos_id,
                                                    parallelism=tokenizers_parallelism))
+    if write_to is not None:
+        if params.shuffle:
+            raise FluidError("write_to writes units in storage order: build the dataset with data.shuffle=false")
+        return ds.map_batches(_pack_write_stage, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs=dict(params=params, sink=sink, root=write_to, row_group_rows=row_group_rows))
     ds = ds.map_batches(_pack_noise_stage, batch_size=1, batch_format="pyarrow",
                         fn_kwargs=dict(params=params, sink=sink))
     if params.shuffle:
@@ -265,21 +286,84 @@ def remove_files(path: str, files: list[str]) -> None:
         fs.rm(f)
 
 
-def write_parquet(ds: ray.data.Dataset, path: str, *, row_group_rows: int | None = None) -> None:
-    """Write the rows as Parquet shards under `path` (local folder or fsspec URL), in dataset order;
-    `row_group_rows` caps the rows per row group (the unit the streaming training reader fetches)."""
+UNIT_SHARD = "unit-{:016d}.parquet"  # one shard per packing unit: names sort in storage (seq_index) order
+
+
+def arrow_table(cols: dict[str, np.ndarray]) -> pa.Table:
+    """Column arrays → an Arrow table: (n, T) as fixed-size lists (what the training reader reads), (n,) plain."""
+    def column(values: np.ndarray):
+        if values.ndim == 1:
+            return pa.array(values)
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+    return pa.table({c: column(np.ascontiguousarray(v)) for c, v in cols.items()})
+
+
+def write_unit(fs, root: str, uid: int, cols: dict[str, np.ndarray], row_group_rows: int) -> int:
+    """Write one packing unit's rows (in order) to `<root>/unit-<uid>.parquet`; returns the row count.
+
+    Why one file per unit, written here: the layout (files, row groups, row order) is then a function of
+    the data alone. Ray Data's own `write_parquet` names files by write-task index and writes each task's
+    blocks through pyarrow's threaded dataset writer, which does not keep row order — two preprocessings
+    of one corpus could store the same rows in a different order, and so train on different batches."""
+    import pyarrow.parquet as pq
+
+    n = len(cols["seq_index"])
+    if n:
+        pq.write_table(arrow_table(cols), f"{root}/{UNIT_SHARD.format(uid)}", filesystem=_arrow_fs(fs),
+                       row_group_size=row_group_rows or None)
+    return n
+
+
+def write_shards(data_cfg: DataConfig, noise_cfg: NoiseConfig, path: str, *, row_group_rows: int,
+                 **build_kwargs) -> int:
+    """The unshuffled rows of `build_dataset(...)` as one Parquet shard per packing unit under `path`
+    (`write_unit`), written by the pipeline's tasks; returns the number of rows. Process-local file
+    systems (memory://) are written from this process, unit by unit, with the same layout."""
     fs, root, protocol = _fs(path)
     fs.makedirs(root, exist_ok=True)
-    extra = {"row_group_size": row_group_rows} if row_group_rows else {}
+    data_cfg = dataclasses.replace(data_cfg, shuffle=False)
     if protocol in PROCESS_LOCAL_PROTOCOLS:  # Ray workers cannot see this process's file system
-        import pyarrow.parquet as pq
+        ds = build_dataset(data_cfg, noise_cfg, **build_kwargs)
+        return _write_units_here(ds, fs, root, row_group_rows)
+    ds = build_dataset(data_cfg, noise_cfg, write_to=path, row_group_rows=row_group_rows, **build_kwargs)
+    return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_format="numpy", batch_size=None)))
 
-        for i, table in enumerate(ds.iter_batches(batch_size=4096, batch_format="pyarrow")):
-            pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=_arrow_fs(fs), **extra)
-    elif protocol in ("file", "local"):
-        ds.write_parquet(root, **extra)
-    else:
-        ds.write_parquet(root, filesystem=_arrow_fs(fs), **extra)
+
+def _write_units_here(ds: ray.data.Dataset, fs, root: str, row_group_rows: int) -> int:
+    from pipeline.data.packing import SEQ_BITS
+
+    pending: list[dict[str, np.ndarray]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal total
+        if pending:
+            cols = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+            total += write_unit(fs, root, int(cols["seq_index"][0]) >> SEQ_BITS, cols, row_group_rows)
+            pending.clear()
+
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        units = batch["seq_index"] >> SEQ_BITS
+        for u in np.unique(units):  # rows arrive in seq_index order: a unit's rows are contiguous
+            if pending and int(pending[0]["seq_index"][0]) >> SEQ_BITS != u:
+                flush()
+            pending.append({c: v[units == u] for c, v in batch.items()})
+    flush()
+    return total
+
+
+def write_parquet(ds: ray.data.Dataset, path: str, *, row_group_rows: int | None = None) -> None:
+    """Write the rows of any dataset as Parquet shards under `path` (local folder or fsspec URL), in
+    dataset order, from this process (`part-000000.parquet`, …; `row_group_rows` caps the rows per row
+    group). Exact order at the price of one writer; unshuffled pipeline output: `write_shards`."""
+    import pyarrow.parquet as pq
+
+    fs, root, _ = _fs(path)
+    fs.makedirs(root, exist_ok=True)
+    extra = {"row_group_size": row_group_rows} if row_group_rows else {}
+    for i, table in enumerate(ds.iter_batches(batch_size=4096, batch_format="pyarrow")):
+        pq.write_table(table, f"{root}/part-{i:06d}.parquet", filesystem=_arrow_fs(fs), **extra)
 
 
 def read_preprocessed(path: str) -> ray.data.Dataset:
