@@ -172,11 +172,17 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.train_data import check_resume, latest_checkpoint, trained_on
     from pipeline.train.loop import train_loop_per_worker
 
     run = f"{storage.rstrip('/')}/{cfg.train.run_name}"  # outputs all go under the storage
     export_dir = cfg.train.export_dir or f"{run}/export"
+    want = trained_on(cfg, resolved)
+    last = latest_checkpoint(run)
+    if last is not None:
+        check_resume(last[1].get("trained_on"), want, mode=cfg.train.resume, checkpoint=last[0])
     loop_config = {
+        "trained_on": want,
         "fluid": cfg.to_dict(), "model_path": model_ref or str(resolved.path), "mask_token_id": resolved.mask_token_id,
         "base_sha256": resolved.meta.get("sha256"), "run_dir": run, "export_dir": export_dir,
         "validation": ray.put(datasets["validation"]) if "validation" in datasets else None,

@@ -70,6 +70,26 @@ def manifest_of(folder: Path) -> dict:
     return {"sha256": digest, "files": files}
 
 
+def content_manifest(url: str, suffix: str = ".parquet") -> dict:
+    """{"sha256": digest of the list, "files": {relative name: sha256 of its bytes}} of the files under
+    `url` (a path or any fsspec URL) whose names end in `suffix`: a folder of shards by what it holds."""
+    fs, root = _fs(url)
+    root = root.rstrip("/")
+    files = {}
+    for f in sorted(fs.find(root)):
+        rel = f[len(root):].lstrip("/")
+        if not f.endswith(suffix) or rel.startswith(".") or "/." in rel:
+            continue
+        h = hashlib.sha256()
+        with fs.open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+        files[rel] = h.hexdigest()
+    if not files:
+        raise FluidError(f"no {suffix} files under {url}")
+    return {"sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "files": files}
+
+
 def stage_folder(folder: str | Path, root: str, kind: str = "models") -> str:
     """Upload `folder` content-addressed under `<root>/.fluid/<kind>/<sha256>` (once); returns that URL."""
     folder = Path(folder)

@@ -86,15 +86,17 @@ def restore_from_ray(model, optimizer, scheduler) -> dict:
     return state
 
 
-def report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict, cfg) -> None:
-    """Inside a Ray Train worker (collective): save a sharded checkpoint and report it with the metrics."""
+def report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict, cfg, trained_on: dict | None = None) -> None:
+    """Inside a Ray Train worker (collective): save a sharded checkpoint and report it with the metrics.
+    `trained_on` (jobs/train_data.py) is saved with it: a re-submitted run compares it before resuming."""
     import ray.train
 
     from pipeline.train.metrics import scalars
 
     extra = {"step": step, "scheduler": scheduler.state_dict(), "elapsed_s": metrics["elapsed_s"],
              "schedule_total_steps": getattr(scheduler.lr_lambdas[0], "total", cfg.train.max_steps),
-             "micro_batches_consumed": step * cfg.train.grad_accum, "config": cfg.to_dict()}
+             "micro_batches_consumed": step * cfg.train.grad_accum, "config": cfg.to_dict(),
+             "trained_on": trained_on}
     with tempfile.TemporaryDirectory(prefix="fluid-ckpt-") as d:
         save_checkpoint(d, model, optimizer, extra)
         ray.train.report(scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))

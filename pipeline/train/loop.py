@@ -134,7 +134,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         out_of_time, report_due = agree(budget is not None and metrics["elapsed_s"] >= budget,
                                         time.time() - last_report >= REPORT_EVERY_S, device=device)
         if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time:
-            report_checkpoint(model, optimizer, scheduler, step, metrics, cfg)
+            report_checkpoint(model, optimizer, scheduler, step, metrics, cfg, loop_config.get("trained_on"))
             run_files.sync()
             last_report = time.time()
         elif report_due:

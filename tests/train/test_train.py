@@ -119,3 +119,53 @@ def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path,
 
     pretrained = make_tiny_llama(tiny_resolved.mask_token_id).state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.allclose(weights["model.layers.0.mlp.up_proj.weight"], pretrained, atol=0.05)  # random init
+
+
+def test_resume_checks_what_was_trained_on(ray_local, tmp_path, tiny_resolved, capfd):
+    """A re-submission that changes a trained-on setting stops with a one-line error naming it; with
+    train.resume=force it resumes from the checkpoint and warns with the same names."""
+    from pipeline.errors import FluidError
+
+    corpus = _corpus(tmp_path / "corpus")
+    _run(tmp_path, "changed", tiny_resolved, corpus, "--train.max_steps=2")
+    with pytest.raises(FluidError, match=r"cannot resume .*checkpoint_.*: .*train\.lr \(0\.01 -> 0\.02\)") as err:
+        _run(tmp_path, "changed", tiny_resolved, corpus, "--train.lr=0.02")
+    assert "\n" not in str(err.value) and "train.workers" not in str(err.value)
+    capfd.readouterr()
+    _, metrics, _ = _run(tmp_path, "changed", tiny_resolved, corpus, "--train.lr=0.02", "--train.resume=force")
+    assert "train.resume=force: resuming" in capfd.readouterr().err
+    assert [m["step"] for m in metrics if "event" not in m] == [1, 2, 3, 4]  # resumed at 3, not restarted
+
+
+def test_trained_on_lists_what_may_change_separately(tmp_path, tiny_resolved):
+    from jobs.train_data import RESUBMIT_MAY_CHANGE, changed_keys, check_resume, fingerprint, trained_on
+    from pipeline.errors import FluidError
+
+    shards = tmp_path / "pre"
+    shards.mkdir()
+    (shards / "part-0.parquet").write_bytes(b"rows")
+    base = load_config(None, [f"--data.preprocessed={shards}"])
+    want = trained_on(base, tiny_resolved)
+    assert not RESUBMIT_MAY_CHANGE & want.keys() and "data.preprocessed" not in want
+    assert {"data.preprocessed_sha256", "model.sha256", "train.lr", "train.grad_accum", "train.seed",
+            "train.drafter", "train.lora_rank", "noise.k_max", "data.seed"} <= want.keys()
+    # the same rows under another path are the same data; other bytes are not
+    moved = tmp_path / "moved"
+    shards.rename(moved)
+    assert trained_on(load_config(None, [f"--data.preprocessed={moved}"]), tiny_resolved) == want
+    (moved / "part-0.parquet").write_bytes(b"other rows")
+    again = trained_on(load_config(None, [f"--data.preprocessed={moved}"]), tiny_resolved)
+    assert changed_keys(want, again) == ["data.preprocessed_sha256"]
+    relaxed = load_config(None, [f"--data.preprocessed={moved}", "--train.workers=4", "--train.max_failures=0",
+                                 "--train.fail_at_step=3", "--train.eval_batches=1"])
+    assert changed_keys(again, trained_on(relaxed, tiny_resolved)) == []
+    check_resume(again, trained_on(relaxed, tiny_resolved), mode="auto", checkpoint="ckpt")
+    grown = trained_on(load_config(None, [f"--data.preprocessed={moved}", "--train.global_batch_size=16"]),
+                       tiny_resolved)
+    with pytest.raises(FluidError, match=r"^cannot resume ckpt: .*train\.global_batch_size \(8 -> 16\)"):
+        check_resume(again, grown, mode="auto", checkpoint="ckpt")
+    check_resume(again, grown, mode="force", checkpoint="ckpt")  # warns, goes on
+    # the shards' own fingerprint leaves out the train section and the reader's order settings
+    shard_keys = fingerprint(relaxed, tiny_resolved)
+    assert "noise.k_max" in shard_keys and "data.distill_mix" in shard_keys
+    assert not any(k.startswith("train.") or k in ("data.seed", "data.shuffle") for k in shard_keys)
