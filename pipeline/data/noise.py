@@ -160,6 +160,8 @@ def draft_spans(
     no valid cursor → no spans. Cursors below `min_cursor` are not used (distilled examples anchor
     spans inside the continuation only).
     """
+    if k_max > np.iinfo(DTYPES["k"]).max:  # k = j + 1 reaches k_max: it would wrap around in its int8 column
+        raise ValueError(f"k_max must be ≤ {np.iinfo(DTYPES['k']).max} (the k column is int8), got {k_max!r}")
     m = max_draft_tokens(tokens, eos_id)
     cursors = np.flatnonzero(m >= 1)
     cursors = cursors[cursors >= min_cursor]

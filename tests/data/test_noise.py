@@ -188,7 +188,9 @@ def test_spans_and_draft_budget_together():
     ex = make_two_stream_example(tokens, rng, **IDS, k_max=8, spans=3, draft_tokens=10)
     check_two_stream(ex, tokens, 50)
     st = stats(ex)
+    # spans stop at whichever limit comes first (every cursor of 0 … 39 is valid: no EOS)
     assert st["spans"] <= 3 and st["draft_targets"] <= 10
+    assert st["spans"] == 3 or st["draft_targets"] == 10, st
 
 
 def test_determinism_and_layout_independence():
@@ -248,7 +250,7 @@ def test_default_draft_targets_per_token():
         st = stats(ex)
         assert st["tokens"] == 512
         assert st["clean_targets"] == 255
-        assert st["draft_targets"] / st["tokens"] >= 0.45
+        assert st["draft_targets"] == 256  # the draft budget of L tokens is filled: T = 2L, half of it targets
         assert st["spans"] >= 256 // 15  # each span holds at most k_max - 1 = 15 tokens
 
 

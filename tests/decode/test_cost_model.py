@@ -42,7 +42,10 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
         h = CostAwareHorizon(16, cost)
         _observe(h, 0.0, 30, 8)
         assert h.plan == 1 and h.best() == (1, False)
-        assert h.choose(clean=1) == 1 or h.probing  # only a probe's drafts may ride along
+        # only a probe's drafts may ride along: none at CPU costs; with free widths the masks of a
+        # full probe (probe_cap) cost nothing, and their drafts are only observed
+        want = (1, False) if cost is CPU else (h.probe_cap, True)
+        assert (h.choose(clean=1), h.probing) == want
 
 
 def test_flat_cost_opens_the_horizon_where_cpu_waits_for_acceptance_to_pay():

@@ -275,7 +275,10 @@ def test_elastic_policies_fall_back_to_ar(sampler, tok, monkeypatch, policy):
     ref = ar_tokens(sampler, PROMPTS[:1], n=150)
     _oracle(monkeypatch, {tuple(tok(PROMPTS[0])["input_ids"]): ref[0]}, error_rate=1.0)
     [res] = sampler.generate([req(PROMPTS[0], policy=policy, max_tokens=150)])
-    assert res.token_ids == ref[0] or policy == "entropy"
+    # entropy's drafts (untrained mask) never pass the gate, verify's are all wrong: every forward
+    # commits exactly its one AR token, so both outputs are the greedy AR output
+    assert res.token_ids == ref[0]
+    assert res.stats.accepted_hist == {1: 150}, res.stats
     # verify: the prior's first (tree) horizon, then a few one-mask probes
     assert res.stats.forwards == 150 and res.stats.mask_tokens <= 16, res.stats
 
@@ -299,8 +302,15 @@ def test_max_tokens_eos_and_stop_trimming(sampler, tok):
     [st] = sampler.generate([req(PROMPTS[0], policy="fixed", gamma=0.0, max_horizon=k, stop=["zzzz", stop])])
     n = next(i for i in range(1, 25) if stop in sampler.decode(seq[:i]))
     assert st.finish_reason == "stop" and st.text == text[:a] and st.token_ids == seq[:n]
+    # AR (one token per forward) stops the same way, at a stop string taken from its own greedy text
+    [ar] = sampler.generate([req(PROMPTS[0], policy="ar", max_tokens=40)])
+    a = next(i for i in range(3, len(ar.text) - 3)
+             if ar.text.find(ar.text[i:i + 2]) == i and "\ufffd" not in ar.text[i:i + 2])
+    stop = ar.text[a:a + 2]
+    n = next(i for i in range(1, 41) if stop in sampler.decode(ar.token_ids[:i]))
     [st_ar] = sampler.generate([req(PROMPTS[0], policy="ar", stop=[stop], max_tokens=40)])
-    assert stop not in st_ar.text or st_ar.finish_reason == "stop"
+    assert (st_ar.finish_reason, st_ar.text, st_ar.token_ids) == ("stop", ar.text[:a], ar.token_ids[:n])
+    assert st_ar.stats.forwards == n
 
 
 @pytest.mark.parametrize("policy", ["ar", "verify", "fixed"])
@@ -389,11 +399,42 @@ def test_banned_tokens_never_produced(sampler, mask_id, tok):
         assert mask_id not in r.token_ids and tok.pad_token_id not in r.token_ids
 
 
-def test_sampling_seeded_and_verify_sampling_runs(sampler):
-    a = sampler.generate([req(PROMPTS[0], policy="verify", temperature=0.9, seed=11, max_tokens=30)])[0]
-    b = sampler.generate([req(PROMPTS[0], policy="verify", temperature=0.9, seed=11, max_tokens=30)])[0]
-    c = sampler.generate([req(PROMPTS[0], policy="ar", temperature=0.9, seed=12, max_tokens=30)])[0]
-    assert a.token_ids == b.token_ids and len(a.token_ids) == 30 and len(c.token_ids) == 30
+def _sampled_reference(model, tok, mask_id, prompt, n, temperature, seed):
+    """Ancestral sampling in a plain loop: a full forward per token, no cache, [M]/pad banned,
+    one draw per token from softmax(logits / T) with a CPU generator seeded `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            logits[[mask_id, tok.pad_token_id]] = float("-inf")
+            probs = torch.softmax(logits / temperature, dim=-1)
+            seq = seq + [int(torch.multinomial(probs[None], 1, generator=gen)[0, 0])]
+    return seq[len(tok(prompt)["input_ids"]):]
+
+
+def test_sampling_is_seeded_and_matches_a_plain_sampling_loop(sampler, model, tok, mask_id):
+    def run(policy, seed, temperature=0.9, **kw):
+        return sampler.generate([req(PROMPTS[0], policy=policy, temperature=temperature, seed=seed,
+                                     max_tokens=30, **kw)])[0]
+
+    # sampled AR is the plain sampling loop, token for token (same seed -> same draws)
+    want = _sampled_reference(model, tok, mask_id, PROMPTS[0], 30, 0.9, seed=12)
+    assert run("ar", 12).token_ids == want
+    # verify with no drafts (max_horizon 1) draws exactly as AR does
+    assert run("verify", 12, max_horizon=1).token_ids == want
+    # sampled verify with drafts: reproducible, seed-dependent, its first token is AR's first draw,
+    # and its drafts were really proposed and judged
+    a, b, other = run("verify", 11), run("verify", 11), run("verify", 13)
+    assert a.token_ids == b.token_ids and a.token_ids != other.token_ids
+    assert a.token_ids[0] == _sampled_reference(model, tok, mask_id, PROMPTS[0], 1, 0.9, seed=11)[0]
+    assert a.stats.tokens == 30 and sum(k * v for k, v in a.stats.accepted_hist.items()) == 30
+    assert a.stats.mask_tokens > 0 and a.stats.forwards == sum(a.stats.accepted_hist.values())
+    # near T = 0 the sampling path (drafts from q, speculative acceptance, residual resampling)
+    # must reduce to greedy AR: a wrong draft is rejected and replaced by the AR argmax
+    cold = run("verify", 11, temperature=1e-4)
+    assert cold.token_ids == ar_tokens(sampler, PROMPTS[:1], n=30)[0]
+    assert cold.stats.mask_tokens > 0
 
 
 def test_speculative_accept_is_distributed_as_p():

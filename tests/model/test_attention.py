@@ -174,7 +174,20 @@ def test_two_stream_forward_equals_plain_causal_forwards(attn_implementation):
     tokens = packed(rng, length, n_docs=3)
     ex = make_two_stream_example(tokens, rng, **IDS, k_max=6, spans=6, rho=0.3)
     b = batch([ex])
-    assert (b["span_id"] == -2).any() or (b["span_id"] >= 0).sum() == 6 * 5
+    # the layout compared below: the L clean tokens, then exactly 6 spans of at most k_max − 1 = 5
+    # tokens each (draft tokens first, padding after, 6 · 5 slots in all), with both [M] and
+    # restored (true-token) inputs among the drafts, so the comparison covers both
+    span, inputs = b["span_id"][0], b["input_ids"][0]
+    draft = span >= 0
+    n_draft = int(draft.sum())
+    assert span.shape == (length + 6 * 5,) and bool((span[:length] == -1).all())
+    assert torch.unique(span[draft]).tolist() == list(range(6))
+    assert bool(draft[length : length + n_draft].all()) and bool((span[length + n_draft :] == -2).all())
+    assert all(1 <= int((span == s).sum()) <= 5 for s in range(6))
+    restored = inputs[draft] != MASK
+    assert bool(restored.any()) and not bool(restored.all())
+    restored_pos = b["position_ids"][0][draft][restored].long()
+    assert torch.equal(inputs[draft][restored].long(), torch.from_numpy(tokens)[restored_pos].long())
     mask = two_stream_mask(b["position_ids"], b["span_id"], b["anchor"])
     if attn_implementation == "eager":
         mask = to_additive(mask)
@@ -189,9 +202,8 @@ def test_two_stream_forward_equals_plain_causal_forwards(attn_implementation):
         assert torch.isfinite(logits).all()
         torch.testing.assert_close(logits[:length], plain, atol=1e-4, rtol=0)
 
-        span = b["span_id"][0]
         n_spans = int(span.max()) + 1
-        assert n_spans >= 3
+        assert n_spans == 6
         for s in range(n_spans):
             idx = torch.nonzero(span == s).flatten()
             c = int(b["anchor"][0, idx[0]])

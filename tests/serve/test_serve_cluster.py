@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.serve.test_openai_api import export_tiny
 
-httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.ray
 
 HTTP = 18371

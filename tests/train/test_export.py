@@ -142,7 +142,6 @@ def test_failed_export_leaves_old_export_intact(tmp_path):
 
 
 def test_lora_export_merges_adapters(tmp_path):
-    pytest.importorskip("peft")
     m = _trained_model(tied=False)
     lm = apply_lora(m, 4, 8, ["q_proj", "v_proj"])
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
