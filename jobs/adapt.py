@@ -30,8 +30,8 @@ from pipeline.errors import FluidError
 def validate(cfg: FluidConfig) -> None:
     """Configuration errors that must surface before the cluster does any work."""
     t = cfg.train
-    if cfg.noise.k_max < 1:
-        raise FluidError(f"noise.k_max must be ≥ 1, got {cfg.noise.k_max}")
+    if not 1 <= cfg.noise.k_max <= 127:
+        raise FluidError(f"noise.k_max must be in 1..127 (the batch's k column is int8), got {cfg.noise.k_max}")
     if cfg.data.seq_len < 2:
         raise FluidError(f"data.seq_len must be ≥ 2, got {cfg.data.seq_len}")
     for name in ("workers", "global_batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
