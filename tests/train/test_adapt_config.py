@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--noise.k_max=0"], "noise.k_max must be ≥ 1"),
+        (["--noise.k_max=0"], "noise.k_max must be in 1..127"),
+        (["--noise.k_max=128"], r"noise.k_max must be in 1..127 \(the batch.s k column is int8\), got 128"),
         (["--train.global_batch_size=6", "--train.workers=4"], "must be divisible by train.grad_accum × train.workers"),
         (["--train.global_batch_size=8", "--train.grad_accum=3"], "must be divisible"),
         (["--train.max_steps=0"], "train.max_steps must be ≥ 1"),
@@ -65,4 +66,4 @@ def test_lr_schedule_warmup_then_cosine():
 def test_cli_config_error_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "jobs.adapt", "--noise.k_max=0"], capture_output=True, text=True,
                           cwd=ROOT)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: noise.k_max must be ≥ 1, got 0"
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: noise.k_max must be in 1..127 (the batch's k column is int8), got 0"
