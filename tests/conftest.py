@@ -66,11 +66,19 @@ def ray_local():
     """One local Ray instance for the whole test session (each start costs ~5–10 s on 2 cores).
 
     More logical CPUs than cores, so Train workers, Data actors and Serve replicas all fit.
+
+    No dashboard, so no State API of its own. Ray Train's placement-group cleaner asks the State API
+    whether the run's controller is alive; with no address it resolves the cluster started *last* on this
+    machine, and when that is another live cluster (a second test session, a job run beside the tests)
+    the controller is not found there, counts as dead, and the cleaner removes the live run's placement
+    group: its workers die mid-run. Pointing the State API at a closed port makes every such query
+    fail, which the cleaner treats as "unknown, keep monitoring".
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=6, include_dashboard=False, object_store_memory=400 * 1024**2, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
     yield ray
     ray.shutdown()
