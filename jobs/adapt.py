@@ -172,8 +172,8 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.train_data import check_resume, latest_checkpoint, trained_on
     from pipeline.train.loop import train_loop_per_worker
+    from pipeline.train.resume import check_resume, latest_checkpoint, trained_on
 
     run = f"{storage.rstrip('/')}/{cfg.train.run_name}"  # outputs all go under the storage
     export_dir = cfg.train.export_dir or f"{run}/export"

@@ -134,7 +134,7 @@ class TrainConfig:
     seed: int = 0
     resume: Literal["auto", "force"] = "auto"
     """A re-submitted run (same run name) resumes from its last checkpoint. `auto`: only if every setting that
-    changes what is trained matches the checkpoint's (jobs/train_data.py `RESUBMIT_MAY_CHANGE` lists the ones that
+    changes what is trained matches the checkpoint's (pipeline/train/resume.py `RESUBMIT_MAY_CHANGE` lists the ones that
     may differ), else a one-line error naming the keys; `force`: resume anyway, with a warning naming them."""
 
 

@@ -13,7 +13,6 @@ workers, or into a single unsharded model for export.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
@@ -71,32 +70,3 @@ def load_model_weights(directory: str | Path, model) -> dict:
     dcp.load(state, checkpoint_id=str(directory))
     set_model_state_dict(model, state["model"])
     return extra
-
-
-def restore_from_ray(model, optimizer, scheduler) -> dict:
-    """Inside a Ray Train worker: load the run's latest checkpoint, if any (the saved `extra`, or {})."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return {}
-    with ckpt.as_directory() as d:
-        state = load_checkpoint(d, model, optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    return state
-
-
-def report_checkpoint(model, optimizer, scheduler, step: int, metrics: dict, cfg, trained_on: dict | None = None) -> None:
-    """Inside a Ray Train worker (collective): save a sharded checkpoint and report it with the metrics.
-    `trained_on` (jobs/train_data.py) is saved with it: a re-submitted run compares it before resuming."""
-    import ray.train
-
-    from pipeline.train.metrics import scalars
-
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "elapsed_s": metrics["elapsed_s"],
-             "schedule_total_steps": getattr(scheduler.lr_lambdas[0], "total", cfg.train.max_steps),
-             "micro_batches_consumed": step * cfg.train.grad_accum, "config": cfg.to_dict(),
-             "trained_on": trained_on}
-    with tempfile.TemporaryDirectory(prefix="fluid-ckpt-") as d:
-        save_checkpoint(d, model, optimizer, extra)
-        ray.train.report(scalars(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -8,9 +8,11 @@ Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, dat
      `<run_dir>/metrics.jsonl` (to `ray.train.report` with each checkpoint and every REPORT_EVERY_S);
      sharded DCP checkpoints every `train.checkpoint_every` steps; a Hugging Face export at the end.
 
-The parts, each small: model set-up (`pipeline.model`), optimizer (`optim`), one step and the
-held-out evaluation (`step`, no Ray), metrics (`metrics`), checkpoints and resume (`checkpoint`),
-the export (`export`). This file only wires them to Ray Train.
+The parts, each small (torchtitan's manner): model set-up (`pipeline.model`), optimizer (`optim`), one
+step (`step`, no Ray), the `Evaluator` (validation loss and `val_verify_tpf`), the `MetricsLog` (JSONL,
+console, and hooks for trackers), the `Checkpointer` (restore and save through Ray Train; what a
+re-submitted run may resume is checked on the driver, `resume`), the export (`export`).
+`train_loop_per_worker` is the recipe that wires them.
 
 Determinism and exact resume: each optimizer step consumes the same global batch whatever the
 number of workers (the shard reader's global order depends only on the seed), and resume starts at
@@ -26,10 +28,12 @@ import time
 import torch
 
 from pipeline.config import FluidConfig, from_dict
-from pipeline.train.decode_eval import held_out_verify
-from pipeline.train.metrics import MetricsLog, quiet_ray_train, say, scalars
+from pipeline.train.checkpointer import Checkpointer
+from pipeline.train.evaluator import Evaluator
+from pipeline.train.metrics import MetricsLog, quiet_ray_train, say
 from pipeline.train.optim import plan_total_steps
-from pipeline.train.step import agree, evaluate, local_batches, train_step, world
+from pipeline.train.outputs import RunFiles
+from pipeline.train.step import agree, train_step, world
 
 # Metrics-only reports to Ray Train (every step is in metrics.jsonl): a report waits until the Ray Train
 # controller collects the previous one (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
@@ -70,55 +74,69 @@ def build_training(cfg: FluidConfig, loop_config: dict):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entrypoint: set up, resume, train to `max_steps` or the time budget, evaluate, export."""
-    import ray
-    import ray.train
+    cfg, loop_config = _setup(loop_config)
+    rank, world_size = world()
+    model, optimizer, scheduler, trainable, device = build_training(cfg, loop_config)
+    checkpointer = Checkpointer(model, optimizer, scheduler, cfg, loop_config.get("trained_on"))
+    state = checkpointer.restore()
+    start_step = int(state.get("step", 0))
+    if start_step and rank == 0:
+        say(f"[fluid] resumed from checkpoint at step {start_step}")
+    run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
+    log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
+    evaluator = Evaluator(model, cfg, _validation_rows(loop_config), loop_config, rank=rank, world_size=world_size,
+                          device=device, max_batches=int(loop_config.get("eval_batches", 8)))
+    if evaluator.enabled and start_step == 0:
+        log.eval(0, evaluator())
+    batches = _train_batches(cfg, loop_config, start_step, rank=rank, world_size=world_size, device=device)
+    step = _train(cfg, model, batches, optimizer, scheduler, trainable, start=start_step, device=device, log=log,
+                  checkpointer=checkpointer, run_files=run_files, elapsed=float(state.get("elapsed_s", 0.0)))
+    if evaluator.enabled:
+        log.eval(step, evaluator())
+    run_files.sync()
+    if loop_config.get("export_dir"):
+        _export(model, cfg, loop_config, loop_config["export_dir"], step)
 
-    from pipeline.train.checkpoint import report_checkpoint, restore_from_ray
+
+def _setup(loop_config: dict) -> tuple[FluidConfig, dict]:
+    """The config, quiet logs, seeds and threads; the model folder as this node's own copy (a staged URL on
+    a multi-node cluster is fetched once and checksummed)."""
+    from pipeline.sources.staging import local_folder
 
     cfg = from_dict(loop_config["fluid"])
     quiet_ray_train(cfg.train.verbose)
-    rank, world_size = world()
-    from pipeline.sources.staging import local_folder
-
-    # a staged URL on a multi-node cluster: this node's own cached copy (fetched once, checksummed)
     loop_config = {**loop_config, "model_path": str(local_folder(loop_config["model_path"], cfg.model.cache_dir))}
     torch.manual_seed(cfg.train.seed)
     if loop_config.get("threads"):
         torch.set_num_threads(int(loop_config["threads"]))
-    model, optimizer, scheduler, trainable, device = build_training(cfg, loop_config)
-    state = restore_from_ray(model, optimizer, scheduler)
-    start_step = int(state.get("step", 0))
-    if start_step and rank == 0:
-        say(f"[fluid] resumed from checkpoint at step {start_step}")
+    return cfg, loop_config
 
-    from pipeline.train.outputs import RunFiles
 
-    run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
-    log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
-    micro_global = cfg.train.global_batch_size // cfg.train.grad_accum
-    val_rows = ray.get(loop_config["validation"]) if loop_config.get("validation") is not None else None
-    eval_batches = int(loop_config.get("eval_batches", 8))
+def _validation_rows(loop_config: dict):
+    import ray
 
-    def held_out() -> dict:
-        it = local_batches(val_rows, micro_global=micro_global, rank=rank, world=world_size,
-                           device=device, mode=cfg.noise.mode)
-        return {**evaluate(model, it, cfg, device, max_batches=eval_batches),
-                **held_out_verify(model, val_rows, cfg, loop_config, rank=rank, world_size=world_size)}
+    ref = loop_config.get("validation")
+    return ray.get(ref) if ref is not None else None
 
-    if val_rows is not None and start_step == 0:
-        log.eval(0, held_out())
 
+def _train_batches(cfg: FluidConfig, loop_config: dict, start_step: int, *, rank: int, world_size: int, device):
+    """This worker's share of the shards (pipeline/data/streaming.py), from the first micro-batch not consumed."""
     from pipeline.batch import columns_for
     from pipeline.data.streaming import worker_batches
 
-    # this worker's share of the shards (pipeline/data/streaming.py), from the first micro-batch not consumed
-    batches = worker_batches(loop_config["train_blocks"], micro_global=micro_global, rank=rank, world=world_size,
-                             start=start_step * cfg.train.grad_accum, seed=cfg.data.seed,
-                             shuffle=cfg.data.shuffle, window=cfg.data.shuffle_buffer,
-                             columns=list(columns_for(cfg.noise.mode)), device=device)
-    t_start = time.time() - float(state.get("elapsed_s", 0.0))
-    last_report = time.time()
-    step = start_step
+    return worker_batches(loop_config["train_blocks"], micro_global=cfg.train.global_batch_size // cfg.train.grad_accum,
+                          rank=rank, world=world_size, start=start_step * cfg.train.grad_accum, seed=cfg.data.seed,
+                          shuffle=cfg.data.shuffle, window=cfg.data.shuffle_buffer,
+                          columns=list(columns_for(cfg.noise.mode)), device=device)
+
+
+def _train(cfg: FluidConfig, model, batches, optimizer, scheduler, trainable, *, start: int, device, log: MetricsLog,
+           checkpointer: Checkpointer, run_files, elapsed: float) -> int:
+    """Optimizer steps from `start` to `train.max_steps` or the time budget; returns the last step. All
+    ranks take every clock-based decision together (`agree`), so collectives stay matched."""
+    rank, _ = world()
+    t_start, last_report = time.time() - elapsed, time.time()
+    step = start
     model.train()
     while step < cfg.train.max_steps:
         metrics = train_step(model, batches, optimizer, scheduler, trainable, cfg, step=step, device=device)
@@ -134,23 +152,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         out_of_time, report_due = agree(budget is not None and metrics["elapsed_s"] >= budget,
                                         time.time() - last_report >= REPORT_EVERY_S, device=device)
         if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.max_steps or out_of_time:
-            report_checkpoint(model, optimizer, scheduler, step, metrics, cfg, loop_config.get("trained_on"))
+            checkpointer.save(step, metrics)
             run_files.sync()
             last_report = time.time()
         elif report_due:
-            ray.train.report(scalars(metrics))
+            checkpointer.report(metrics)
             last_report = time.time()
         _maybe_inject_failure(cfg, run_files, step, rank)
         if out_of_time:
             if rank == 0:
                 say(f"[fluid] time budget of {budget:.0f} s reached at step {step}")
             break
-
-    if val_rows is not None:
-        log.eval(step, held_out())
-    run_files.sync()
-    if loop_config.get("export_dir"):
-        _export(model, cfg, loop_config, loop_config["export_dir"], step)
+    return step
 
 
 def _maybe_inject_failure(cfg: FluidConfig, run_files, step: int, rank: int) -> None:

@@ -1,7 +1,8 @@
 """Training metrics: one JSON line per step or evaluation in `<run>/metrics.jsonl`, a short console line.
 
-In:  metric dicts from `pipeline.train.step`. Out: appended JSONL records (rank 0 only), each with
-`time`, and `[fluid] …` progress lines every 10 steps and at each evaluation.
+In:  metric dicts from `pipeline.train.step` and the `Evaluator`. Out: appended JSONL records (rank 0
+only), each with `time`; `[fluid] …` progress lines every 10 steps and at each evaluation; each record
+also goes to the log's `MetricsHook`s (trackers plug in there).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -42,15 +44,23 @@ def scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+MetricsHook = Callable[[dict], None]
+"""Called with every record the log writes (rank 0 only), as it stands in the JSONL file: where a
+tracker (MLflow, TensorBoard, …) plugs in. A record is a step's metrics, or an evaluation's
+(`"event": "eval"`, keys prefixed `val_`); both carry `step` and `time`."""
+
+
 class MetricsLog:
-    """Appends records to a JSONL file and prints progress; a no-op on ranks other than 0.
+    """Appends records to a JSONL file, prints progress and passes each record to its `hooks`; a no-op on
+    ranks other than 0.
 
     `resume_step`: the step the run (re)starts from. Records a failed attempt wrote past it — steps
     that will now be replayed — are dropped first, so every step appears once and curves stay monotone.
     """
 
-    def __init__(self, path: str | Path, rank: int = 0, *, resume_step: int | None = None):
-        self.path, self.rank = Path(path), rank
+    def __init__(self, path: str | Path, rank: int = 0, *, resume_step: int | None = None,
+                 hooks: Sequence[MetricsHook] = ()):
+        self.path, self.rank, self.hooks = Path(path), rank, list(hooks)
         if rank == 0 and resume_step is not None and self.path.is_file():
             drop_replayed(self.path, resume_step)
 
@@ -61,6 +71,8 @@ class MetricsLog:
         record = {"time": time.time(), **scalars(record), **{k: v for k, v in record.items() if isinstance(v, str)}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        for hook in self.hooks:
+            hook(record)
         line = progress_line(record)
         if line:
             say(line)

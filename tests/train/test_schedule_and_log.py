@@ -79,3 +79,17 @@ def test_quiet_ray_train_silences_the_per_report_line_unless_verbose():
     quiet_ray_train(verbose=True)
     assert per_report.level == logging.INFO
     quiet_ray_train(verbose=False)
+
+
+def test_metrics_hooks_get_every_record_as_written_and_only_on_rank_0(tmp_path):
+    seen, other = [], []
+    log = MetricsLog(tmp_path / "m.jsonl", rank=0, hooks=[seen.append])
+    log.write({"step": 1, "loss": 0.5, "ar_ce": 1.0, "draft_ce": 2.0, "tokens_per_s": 3.0, "data_wait_share": 0.0,
+               "note": "x", "skipped": [1, 2]})
+    log.eval(1, {"ar_ce": 0.25, "verify_tpf": 1.5})
+    written = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert seen == written and len(seen) == 2
+    assert seen[0]["note"] == "x" and "skipped" not in seen[0]  # what the file holds, not the raw dict
+    assert seen[1] == {"time": seen[1]["time"], "event": "eval", "step": 1, "val_ar_ce": 0.25, "val_verify_tpf": 1.5}
+    MetricsLog(tmp_path / "r1.jsonl", rank=1, hooks=[other.append]).write({"step": 1, "loss": 0.5})
+    assert other == [] and not (tmp_path / "r1.jsonl").exists()

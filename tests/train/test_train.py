@@ -138,8 +138,8 @@ def test_resume_checks_what_was_trained_on(ray_local, tmp_path, tiny_resolved, c
 
 
 def test_trained_on_lists_what_may_change_separately(tmp_path, tiny_resolved):
-    from jobs.train_data import RESUBMIT_MAY_CHANGE, changed_keys, check_resume, fingerprint, trained_on
     from pipeline.errors import FluidError
+    from pipeline.train.resume import RESUBMIT_MAY_CHANGE, changed_keys, check_resume, fingerprint, trained_on
 
     shards = tmp_path / "pre"
     shards.mkdir()
