@@ -32,6 +32,7 @@ import yaml
 
 from jobs.common import parse_job_args, run_job
 from pipeline.errors import FluidError
+from pipeline.export_format import read_fluid_meta
 
 # Embedded defaults of the demo, before the user's overrides: sized for 2 CPU cores.
 DEMO_DEFAULTS = [
@@ -233,7 +234,7 @@ class Demo:
         import jobs.fit_horizon
 
         jobs.fit_horizon.main(self.job_argv("--export", str(self.export)))
-        return json.loads((self.export / "fluid.json").read_text()).get("horizon_head", {})
+        return read_fluid_meta(self.export).horizon_head or {}
 
     def run_evaluate(self) -> dict:
         from jobs.evaluate import evaluate
