@@ -1,5 +1,5 @@
 """pipeline.export_format: the format-1 fixture, the reader/writer round trip, newer versions, copying,
-and that the `fluid.json` name has one home in pipeline/ and jobs/."""
+and that `fluid.json` and the k_max default each have one home in pipeline/ and jobs/."""
 
 from __future__ import annotations
 
@@ -116,3 +116,15 @@ def test_fluid_json_literal_lives_only_in_the_export_module():
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert found and all(f.startswith("pipeline/export_format.py:") for f in found), found
 
+
+def test_no_signature_carries_a_literal_k_max_default():
+    found = []
+    for path, tree in _sources("pipeline", "jobs"):
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                args = fn.args
+                pairs = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults, strict=True))
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None]
+                found += [f"{path.relative_to(ROOT)}:{fn.lineno}" for a, d in pairs
+                          if a.arg == "k_max" and isinstance(d, ast.Constant)]
+    assert found == []

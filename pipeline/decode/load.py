@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import NoiseConfig
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.matmul import apply_matmul
 from pipeline.decode.sampler import Sampler
@@ -39,7 +40,7 @@ def inference_dtype(name: str, device) -> torch.dtype:
 
 
 def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                 mask_token_id: int | None = None, k_max: int = 16, cache_dir=None,
+                 mask_token_id: int | None = None, k_max: int = NoiseConfig.k_max, cache_dir=None,
                  forward_cost: list[float] | None = None, matmul: str = "auto") -> Sampler:
     """The Sampler of an export folder, or of a plain model (`mask_token_id` given, or a resolvable spec).
     `forward_cost`: relative cost of a forward by width 1, 2, … (None or empty: measure it now).
