@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from jobs.common import parse_job_args, run_job
+from pipeline.config import LOOPBACK_HOST
 from pipeline.errors import FluidError
 from pipeline.export_format import read_fluid_meta
 
@@ -249,7 +250,7 @@ class Demo:
         from pipeline.serve.app import build_app
 
         sc = self.cfg.serve
-        sc.model, sc.host = str(self.export), "127.0.0.1"
+        sc.model, sc.host = str(self.export), LOOPBACK_HOST
         serve.start(http_options={"host": sc.host, "port": sc.port})
         try:
             serve.run(build_app(sc), name=sc.app_name, route_prefix=sc.route_prefix)

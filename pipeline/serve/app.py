@@ -24,7 +24,7 @@ from pathlib import Path
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from pipeline.config import ServeConfig, from_dict
+from pipeline.config import LOOPBACK_HOSTS, ServeConfig, from_dict
 from pipeline.decode.policies import InvalidRequest
 from pipeline.errors import FluidError
 from pipeline.export_format import FLUID_META_FILE, is_export, localize_export, read_fluid_meta
@@ -34,7 +34,6 @@ from pipeline.serve.metrics import replica_metrics
 
 log = logging.getLogger("fluid.serve")
 _PARAMS = ("max_horizon", "policy", "gamma", "temperature", "top_p", "max_tokens", "stop", "prompt")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def localize_model(spec: str) -> Path:
@@ -102,7 +101,7 @@ class FluidServer:
         self.drafts_note = untrained_drafts_note(path)
         if self.drafts_note:
             log.warning("%s", self.drafts_note)
-        if not self.auth.on and self.cfg.host not in LOOPBACK:
+        if not self.auth.on and self.cfg.host not in LOOPBACK_HOSTS:
             log.warning("serving on %s without an API key: anyone who reaches the port can generate", self.cfg.host)
         log.info("FLUID replica ready: model %s from %s, auth %s", name, path, "on" if self.auth.on else "off")
 
