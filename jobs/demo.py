@@ -34,6 +34,7 @@ from jobs.common import parse_job_args, run_job
 from pipeline.config import LOOPBACK_HOST
 from pipeline.errors import FluidError
 from pipeline.export_format import read_fluid_meta
+from pipeline.train.outputs import METRICS
 
 # Embedded defaults of the demo, before the user's overrides: sized for 2 CPU cores.
 DEMO_DEFAULTS = [
@@ -226,7 +227,7 @@ class Demo:
         data = [] if any(x.startswith("--data.distilled=") for x in extra) else [f"--data.preprocessed={self.out / 'data'}"]
         jobs.adapt.main(self.job_argv(*data, f"--train.time_budget_s={train_s:.0f}", f"--train.max_steps={max_steps}",
                                       *extra))
-        steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / METRICS).read_text().splitlines()
                  if x.strip()]
         last = [m for m in steps if "event" not in m][-1]
         return {"steps": last["step"], "train_s": train_s, "export": str(self.export)}

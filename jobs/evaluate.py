@@ -51,6 +51,7 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     from pipeline.eval.metrics import ar_ce, draft_ce_by_k
     from pipeline.eval.report import markdown, write_plots
     from pipeline.export_format import FLUID_META_FILE, read_fluid_meta
+    from pipeline.train.outputs import METRICS
 
     e = cfg.eval
     if not is_export(export):
@@ -99,7 +100,7 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
                      "date": time.strftime("%Y-%m-%d %H:%M")},
         "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep,
     }
-    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / "metrics.jsonl"
+    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.is_file() else []
     report["plots"] = write_plots(report, rows, out)
     report["seconds"] = time.perf_counter() - t_start

@@ -26,6 +26,8 @@ from pipeline.errors import FluidError
 from pipeline.export_format import FLUID_META_FILE, read_fluid_meta, write_fluid_meta
 from pipeline.export_format import HORIZON_HEAD_FILE as HEAD_FILE
 
+INFO_FILE = "info.json"  # rank 0's fit metrics, next to the head in its Ray Train checkpoint
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fluid fit-horizon", description=__doc__,
@@ -95,7 +97,7 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     from pipeline.decode.horizon_head import HorizonHead
 
     with result.checkpoint.as_directory() as d:  # rank 0's head and metrics, from the run's storage
-        info = json.loads((Path(d) / "info.json").read_text())
+        info = json.loads((Path(d) / INFO_FILE).read_text())
         save_head(HorizonHead.load(Path(d) / HEAD_FILE), export, info)
     if target is not None and target != str(export):
         from pipeline.sources.staging import _fs, is_remote, join
@@ -147,7 +149,7 @@ def _loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="fluid-head-") as d:
         if rank == 0:  # the driver writes it into the export: this node's copy may be a cached one
             head.save(Path(d) / HEAD_FILE)
-            (Path(d) / "info.json").write_text(json.dumps({"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma,
+            (Path(d) / INFO_FILE).write_text(json.dumps({"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma,
                                                            **metrics}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
