@@ -128,3 +128,19 @@ def test_no_signature_carries_a_literal_k_max_default():
                 found += [f"{path.relative_to(ROOT)}:{fn.lineno}" for a, d in pairs
                           if a.arg == "k_max" and isinstance(d, ast.Constant)]
     assert found == []
+
+
+def test_load_sampler_still_loads_a_plain_hf_folder(tmp_path):
+    """No fluid.json: a plain Hugging Face folder plus an explicit mask id (untrained drafts), as before."""
+    from pipeline.config import NoiseConfig
+    from pipeline.decode.load import load_sampler
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"mask_token": "[M]"})
+    make_tiny_llama(len(tok) - 1).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert not is_export(tmp_path)
+    sampler = load_sampler(tmp_path, mask_token_id=tok.mask_token_id, forward_cost=[1.0] * 4, matmul="stock")
+    assert sampler.mask_token_id == tok.mask_token_id and sampler.k_max == NoiseConfig.k_max
+    assert sampler.model.get_input_embeddings().num_embeddings == len(tok)
