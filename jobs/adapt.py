@@ -25,6 +25,7 @@ from pathlib import Path
 from jobs.common import parse_job_args, run_job
 from pipeline.config import FluidConfig
 from pipeline.errors import FluidError
+from pipeline.train.outputs import METRICS
 
 
 def validate(cfg: FluidConfig) -> None:
@@ -206,7 +207,7 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
         raise result.error
     return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce", "masked_ce")},
             "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
-            "metrics_jsonl": f"{run}/metrics.jsonl"}
+            "metrics_jsonl": f"{run}/{METRICS}"}
 
 
 if __name__ == "__main__":

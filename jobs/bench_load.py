@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.config import LOOPBACK_HOST
+
 
 def make_model(folder: Path, gb: float) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,7 +51,7 @@ def _rss_gb() -> float:
 def _rank(rank, world, port, folder, mode, out):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK_HOST}:{port}", rank=rank, world_size=world)
     import transformers  # noqa: F401  (imports count in the baseline, not the load)
 
     from pipeline.model import sharded_load  # noqa: F401
@@ -73,7 +75,7 @@ def _rank(rank, world, port, folder, mode, out):
 
 def measure(folder: Path, world: int, mode: str) -> list[tuple[float, float, int, float]]:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK_HOST, 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "r")

@@ -31,6 +31,7 @@ from pipeline.decode.matmul import MATMUL_LAYOUTS, apply_matmul, set_matmul
 from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
 from pipeline.decode.sampler import GenerationRequest, Sampler
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE, is_export, read_fluid_meta
 
 DEFAULT_PROMPTS = [
     "The history of the city begins",
@@ -75,8 +76,8 @@ def load_sampler(args) -> Sampler:
 
     if not Path(args.model_dir).is_dir():
         raise FluidError(f"--model-dir {args.model_dir} is not a folder")
-    if args.mask_token_id is None and not (Path(args.model_dir) / "fluid.json").is_file():
-        raise FluidError(f"{args.model_dir} has no fluid.json: give --mask-token-id")
+    if args.mask_token_id is None and not is_export(args.model_dir):
+        raise FluidError(f"{args.model_dir} has no {FLUID_META_FILE}: give --mask-token-id")
     return load(args.model_dir, mask_token_id=args.mask_token_id, k_max=args.k_max, device=args.device,
                 forward_cost=cost, dtype=getattr(torch, args.dtype), matmul=args.matmul)
 
@@ -126,8 +127,8 @@ def load_base_model(args, sampler: Sampler):
     """The base AR model that scores the continuations (NLL): --base-model, the export's base model
     (fluid.json), or else the sampled model itself."""
     spec = args.base_model
-    if spec is None and args.model_dir and (Path(args.model_dir) / "fluid.json").is_file():
-        spec = json.loads((Path(args.model_dir) / "fluid.json").read_text()).get("base_model", {}).get("spec")
+    if spec is None and args.model_dir and is_export(args.model_dir):
+        spec = read_fluid_meta(args.model_dir).base_spec
     if not spec:
         return sampler.model
     from pipeline.model.causal_lm import load_causal_lm

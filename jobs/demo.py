@@ -31,7 +31,10 @@ from pathlib import Path
 import yaml
 
 from jobs.common import parse_job_args, run_job
+from pipeline.config import LOOPBACK_HOST
 from pipeline.errors import FluidError
+from pipeline.export_format import read_fluid_meta
+from pipeline.train.outputs import METRICS
 
 # Embedded defaults of the demo, before the user's overrides: sized for 2 CPU cores.
 DEMO_DEFAULTS = [
@@ -224,7 +227,7 @@ class Demo:
         data = [] if any(x.startswith("--data.distilled=") for x in extra) else [f"--data.preprocessed={self.out / 'data'}"]
         jobs.adapt.main(self.job_argv(*data, f"--train.time_budget_s={train_s:.0f}", f"--train.max_steps={max_steps}",
                                       *extra))
-        steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x) for x in (self.out / self.cfg.train.run_name / METRICS).read_text().splitlines()
                  if x.strip()]
         last = [m for m in steps if "event" not in m][-1]
         return {"steps": last["step"], "train_s": train_s, "export": str(self.export)}
@@ -233,7 +236,7 @@ class Demo:
         import jobs.fit_horizon
 
         jobs.fit_horizon.main(self.job_argv("--export", str(self.export)))
-        return json.loads((self.export / "fluid.json").read_text()).get("horizon_head", {})
+        return read_fluid_meta(self.export).horizon_head or {}
 
     def run_evaluate(self) -> dict:
         from jobs.evaluate import evaluate
@@ -248,7 +251,7 @@ class Demo:
         from pipeline.serve.app import build_app
 
         sc = self.cfg.serve
-        sc.model, sc.host = str(self.export), "127.0.0.1"
+        sc.model, sc.host = str(self.export), LOOPBACK_HOST
         serve.start(http_options={"host": sc.host, "port": sc.port})
         try:
             serve.run(build_app(sc), name=sc.app_name, route_prefix=sc.route_prefix)

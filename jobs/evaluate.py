@@ -50,18 +50,19 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     from pipeline.decode.load import is_export, load_sampler
     from pipeline.eval.metrics import ar_ce, draft_ce_by_k
     from pipeline.eval.report import markdown, write_plots
-    from pipeline.train.export import read_meta
+    from pipeline.export_format import FLUID_META_FILE, read_fluid_meta
+    from pipeline.train.outputs import METRICS
 
     e = cfg.eval
     if not is_export(export):
-        raise FluidError(f"{export} is not a FLUID export (no fluid.json); run fluid adapt first")
+        raise FluidError(f"{export} is not a FLUID export (no {FLUID_META_FILE}); run fluid adapt first")
     unknown = [p for p in e.policies if p not in ("ar", "fixed", "threshold", "entropy", "khead", "verify")]
     if unknown:
         raise FluidError(f"eval.policies: unknown policies {unknown}")
-    meta = read_meta(export)
+    meta = read_fluid_meta(export).to_dict()
     base_spec = base_spec or meta.get("base_model", {}).get("spec")
     if not base_spec:
-        raise FluidError(f"{export}/fluid.json names no base model: pass --base SPEC")
+        raise FluidError(f"{export}/{FLUID_META_FILE} names no base model: pass --base SPEC")
     out = Path(e.output or Path(export).resolve().parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -99,7 +100,7 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
                      "date": time.strftime("%Y-%m-%d %H:%M")},
         "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep,
     }
-    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / "metrics.jsonl"
+    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.is_file() else []
     report["plots"] = write_plots(report, rows, out)
     report["seconds"] = time.perf_counter() - t_start

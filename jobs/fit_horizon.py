@@ -23,8 +23,10 @@ from pathlib import Path
 
 from jobs.common import parse_job_args, run_job
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE, read_fluid_meta, write_fluid_meta
+from pipeline.export_format import HORIZON_HEAD_FILE as HEAD_FILE
 
-HEAD_FILE = "horizon_head.safetensors"
+INFO_FILE = "info.json"  # rank 0's fit metrics, next to the head in its Ray Train checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_job_args(parser, argv)
     import tempfile
 
-    from pipeline.sources.staging import download_dir, is_remote
-    from pipeline.train.export import read_meta
+    from pipeline.export_format import copy_folder
+    from pipeline.sources.staging import is_remote
 
     with tempfile.TemporaryDirectory(prefix="fluid-export-") as tmp:
-        export = download_dir(args.export, Path(tmp) / "export") if is_remote(args.export) else Path(args.export)
-        return _main(cfg, args.export, export, read_meta(export))
+        export = copy_folder(args.export, Path(tmp) / "export") if is_remote(args.export) else Path(args.export)
+        return _main(cfg, args.export, export, read_fluid_meta(export).to_dict())
 
 
 def _main(cfg, target: str, export: Path, meta: dict) -> int:
@@ -95,13 +97,13 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     from pipeline.decode.horizon_head import HorizonHead
 
     with result.checkpoint.as_directory() as d:  # rank 0's head and metrics, from the run's storage
-        info = json.loads((Path(d) / "info.json").read_text())
+        info = json.loads((Path(d) / INFO_FILE).read_text())
         save_head(HorizonHead.load(Path(d) / HEAD_FILE), export, info)
     if target is not None and target != str(export):
         from pipeline.sources.staging import _fs, is_remote, join
 
         if is_remote(target):
-            for name in (HEAD_FILE, "fluid.json"):
+            for name in (HEAD_FILE, FLUID_META_FILE):
                 fs, path = _fs(join(target, name))
                 fs.put_file(str(export / name), path)
     return info
@@ -115,8 +117,8 @@ def _loop(config: dict) -> None:
 
     from pipeline.config import from_dict
     from pipeline.decode.horizon_fit import collect_pairs, fit_head, oracle_horizon
+    from pipeline.decode.load import load_export
     from pipeline.sources.staging import local_folder
-    from pipeline.train.export import load_export
 
     cfg = from_dict(config["fluid"])
     k_max = int(config["k_max"])
@@ -147,7 +149,7 @@ def _loop(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="fluid-head-") as d:
         if rank == 0:  # the driver writes it into the export: this node's copy may be a cached one
             head.save(Path(d) / HEAD_FILE)
-            (Path(d) / "info.json").write_text(json.dumps({"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma,
+            (Path(d) / INFO_FILE).write_text(json.dumps({"tau": cfg.horizon.tau, "sigma": cfg.horizon.sigma,
                                                            **metrics}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
@@ -157,12 +159,8 @@ def save_head(head, export: Path, info: dict) -> None:
     tmp = export / f".{HEAD_FILE}.tmp"
     head.save(tmp)
     os.replace(tmp, export / HEAD_FILE)
-    meta_path = export / "fluid.json"
-    meta = json.loads(meta_path.read_text())
-    meta["horizon_head"] = {"file": HEAD_FILE, **info}
-    tmp_meta = export / ".fluid.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, meta_path)
+    meta = read_fluid_meta(export)
+    write_fluid_meta(export, dataclasses.replace(meta, horizon_head={"file": HEAD_FILE, **info}))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from jobs.common import parse_job_args, run_job
+from pipeline.config import LOOPBACK_HOST, LOOPBACK_HOSTS
 from pipeline.errors import FluidError
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COLUMNS = ("round", "clients", "requests", "errors", "wall_s", "req/s", "tok/s", "p50_ms", "p95_ms", "p99_ms",
            "ttft_p50_ms", "tok/fwd")
 
@@ -146,7 +146,7 @@ def start_local_server(cfg, clients: int) -> str:
     from pipeline.serve.app import build_app, replica_config
 
     sc = cfg.serve
-    sc.host = "127.0.0.1"
+    sc.host = LOOPBACK_HOST
     if sc.max_batch_size < clients:
         print(f"note: serve.max_batch_size {sc.max_batch_size} → {clients} (one row per client)", file=sys.stderr)
         sc.max_batch_size = clients
@@ -155,7 +155,7 @@ def start_local_server(cfg, clients: int) -> str:
              log_to_driver=False)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
-    return f"http://127.0.0.1:{sc.port}{sc.route_prefix.rstrip('/')}"
+    return f"http://{LOOPBACK_HOST}:{sc.port}{sc.route_prefix.rstrip('/')}"
 
 
 def sweep_goals(rows: list[dict]) -> bool:
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.serve.model_name = cfg.serve.model_name or "tiny"
     local = bool(cfg.serve.model) and not args.url
     try:
-        base = start_local_server(cfg, args.clients) if local else (args.url or f"http://127.0.0.1:{cfg.serve.port}")
-        if (urlsplit(base).hostname or "") not in LOOPBACK:
+        base = start_local_server(cfg, args.clients) if local else (args.url or f"http://{LOOPBACK_HOST}:{cfg.serve.port}")
+        if (urlsplit(base).hostname or "") not in LOOPBACK_HOSTS:
             raise FluidError(f"--url {base}: this load test only targets 127.0.0.1/localhost")
         base = base.rstrip("/")
         headers = {}

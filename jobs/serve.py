@@ -25,9 +25,8 @@ import sys
 import time
 
 from jobs.common import parse_job_args, run_job
+from pipeline.config import LOOPBACK_HOSTS
 from pipeline.errors import FluidError
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = replica_config(cfg.serve)  # the raw key (if any) becomes its digest here
     app = build_app(sc)  # checks a local model path before anything starts
     auth = sc.api_key_file or sc.api_key_sha256
-    if not auth and sc.host not in LOOPBACK:
+    if not auth and sc.host not in LOOPBACK_HOSTS:
         print(f"WARNING: serving on {sc.host} without an API key: anyone who reaches port {sc.port} can "
               "generate. Set FLUID_API_KEY_FILE (a secret file) or FLUID_API_KEY.", file=sys.stderr, flush=True)
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))

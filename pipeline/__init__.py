@@ -3,6 +3,7 @@
 The package reads top to bottom as the system does:
 
     config, errors, batch   one typed configuration; expected errors; the batch format (the contract)
+    export_format           the export folder's file names and its versioned fluid.json (read, write, copy)
     sources/                what to read: corpora, models (by spec or fsspec URL)
     data/                   tokens → packed, noised two-stream examples (Ray Data in ray_pipeline only)
     model/                  the forward with `[M]`, attention masks, the loss, FSDP2 sharding

@@ -19,6 +19,9 @@ import yaml
 
 from pipeline.errors import FluidError
 
+LOOPBACK_HOST = "127.0.0.1"  # where local servers, process groups and test endpoints bind
+LOOPBACK_HOSTS = (LOOPBACK_HOST, "localhost", "::1")  # the names of this machine only
+
 
 class ConfigError(FluidError):
     """A configuration key or value is wrong; the message names the key."""
@@ -193,7 +196,7 @@ class HorizonConfig:
 @dataclass
 class ServeConfig:
     model: str = ""
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK_HOST
     port: int = 8000
     num_replicas: int = 1
     max_batch_size: int = 64

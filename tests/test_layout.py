@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE = [
-    "pipeline.config", "pipeline.errors", "pipeline.batch",
+    "pipeline.config", "pipeline.errors", "pipeline.batch", "pipeline.export_format",
     "pipeline.sources.corpus", "pipeline.sources.model_source",
     "pipeline.data.packing", "pipeline.data.noise", "pipeline.data.local",
     "pipeline.model.causal_lm", "pipeline.model.attention", "pipeline.model.losses", "pipeline.model.parallelize",

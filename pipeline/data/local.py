@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.batch import CLEAN, DTYPES, IGNORE, PAD
+from pipeline.batch import CLEAN, DTYPES, IGNORE, PAD, columns_for
 from pipeline.config import DataConfig, NoiseConfig
 from pipeline.data.noise import (
     make_bidirectional_example,
@@ -67,8 +67,7 @@ class Params:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        base = ("input_ids", "position_ids", "span_id", "anchor", "labels", "k")
-        return (*base, "weight") if self.mode == "bidirectional" else base
+        return columns_for(self.mode)
 
 
 def make_params(data_cfg: DataConfig, noise_cfg: NoiseConfig, *, tokenizer_path, mask_token_id: int,

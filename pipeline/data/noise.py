@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.batch import BIDIRECTIONAL_COLUMNS, CLEAN, COLUMNS, DTYPES, IGNORE, PAD  # noqa: F401 (the contract)
+from pipeline.config import NoiseConfig
 
 SPAN_DISTRIBUTIONS = ("uniform", "fixed", "geometric")
 
@@ -200,7 +201,7 @@ def make_two_stream_example(
     mask_id: int,
     pad_id: int,
     eos_id: int,
-    k_max: int = 16,
+    k_max: int = NoiseConfig.k_max,
     draft_tokens: int | None = None,
     spans: int | None = None,
     rho: float = 0.1,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from pipeline.config import NoiseConfig
 from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate, check_layouts
 from pipeline.decode.decoder import (
     GenerationResult,
@@ -47,7 +48,7 @@ def _input_rows(emb) -> int:
 class Sampler:
     """Elastic-horizon decoding of a causal LM whose vocabulary includes the mask token."""
 
-    def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = 16,
+    def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = NoiseConfig.k_max,
                  horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None,
                  forward_cost: ForwardCost | list[float] | None = None,
                  verify_layouts: tuple[str, ...] = LAYOUTS):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE
 
 DRAFTER_FILE = "drafter.safetensors"
 KIND = "gated_lora"
@@ -156,10 +157,10 @@ def load_drafter(model, folder, spec: dict):
     from safetensors.torch import load_file
 
     if spec.get("kind") != KIND:
-        raise FluidError(f"unknown drafter kind {spec.get('kind')!r} in fluid.json (this code reads {KIND!r})")
+        raise FluidError(f"unknown drafter kind {spec.get('kind')!r} in {FLUID_META_FILE} (this code reads {KIND!r})")
     path = Path(folder) / DRAFTER_FILE
     if not path.is_file():
-        raise FluidError(f"{folder}: fluid.json names a drafter but {DRAFTER_FILE} is missing")
+        raise FluidError(f"{folder}: {FLUID_META_FILE} names a drafter but {DRAFTER_FILE} is missing")
     attach_drafter(model, int(spec["mask_token_id"]), rank=int(spec["rank"]), alpha=float(spec["alpha"]),
                    targets=list(spec["targets"]))
     weights = load_file(str(path))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.batch import IGNORE
+from pipeline.config import NoiseConfig
 from pipeline.errors import FluidError
 
 
@@ -44,7 +45,7 @@ def _k_index(k: torch.Tensor, valid: torch.Tensor, k_max: int) -> torch.Tensor:
     return kv
 
 
-def count_targets(labels: torch.Tensor, k: torch.Tensor, *, k_max: int = 16, weight=None) -> torch.Tensor:
+def count_targets(labels: torch.Tensor, k: torch.Tensor, *, k_max: int = NoiseConfig.k_max, weight=None) -> torch.Tensor:
     """float32 [k_max + 1]: number of targets (or summed weight) per prediction distance k."""
     valid = labels.reshape(-1) != IGNORE
     kv = _k_index(k, valid, k_max)
@@ -53,7 +54,7 @@ def count_targets(labels: torch.Tensor, k: torch.Tensor, *, k_max: int = 16, wei
 
 
 def target_sums(
-    logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, *, k_max: int = 16, weight=None
+    logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, *, k_max: int = NoiseConfig.k_max, weight=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ce_sum_by_k, count_by_k), float32 [k_max + 1] each; ce_sum_by_k carries autograd."""
     ce, valid = _valid_ce(logits, labels)
@@ -95,7 +96,7 @@ def stage1_loss(
     k: torch.Tensor,
     *,
     lam: float = 1.0,
-    k_max: int = 16,
+    k_max: int = NoiseConfig.k_max,
     weight: torch.Tensor | None = None,
     global_count_by_k: torch.Tensor | None = None,
     world_size: int = 1,

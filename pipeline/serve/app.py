@@ -18,26 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from pipeline.config import ServeConfig, from_dict
+from pipeline.config import LOOPBACK_HOSTS, ServeConfig, from_dict
 from pipeline.decode.policies import InvalidRequest
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE, is_export, localize_export, read_fluid_meta
 from pipeline.serve import openai_api as api
 from pipeline.serve.engine import Engine, Overloaded
 from pipeline.serve.metrics import replica_metrics
 
 log = logging.getLogger("fluid.serve")
-_PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _PARAMS = ("max_horizon", "policy", "gamma", "temperature", "top_p", "max_tokens", "stop", "prompt")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def localize_model(spec: str) -> Path:
@@ -47,34 +43,11 @@ def localize_model(spec: str) -> Path:
         raise FluidError("serve.model is not set: give a FLUID export folder or an fsspec URL")
     if "://" not in spec or spec.startswith("file://"):
         path = Path(spec.removeprefix("file://")).expanduser()
-        if not (path / "fluid.json").is_file():
+        if not is_export(path):
             hint = (f"; `fluid export --from-model {spec} --output EXPORT_DIR` makes one from a plain model"
                     if (path / "config.json").is_file() else "")
-            raise FluidError(f"serve.model {spec}: no fluid.json there (not a FLUID export folder){hint}")
-        return path
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(spec)
-        files = [f for f in fs.find(root) if not fs.isdir(f)]
-    except Exception as e:
-        raise FluidError(f"cannot list serve.model {spec} ({type(e).__name__}: {e})") from None
-    if not files:
-        raise FluidError(f"serve.model {spec} is empty or missing")
-    out = Path(tempfile.mkdtemp(prefix="fluid-serve-model-"))
-    root = root.rstrip("/")
-    try:
-        for f in files:
-            rel = f[len(root):].lstrip("/")
-            if not rel.endswith(_PICKLED):
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f, str(out / rel))
-    except Exception:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    if not (out / "fluid.json").is_file():
-        raise FluidError(f"serve.model {spec}: no fluid.json there (not a FLUID export folder)")
-    return out
+            raise FluidError(f"serve.model {spec}: no {FLUID_META_FILE} there (not a FLUID export folder){hint}")
+    return localize_export(spec, what=f"serve.model {spec}")
 
 
 def load_replica_sampler(cfg: ServeConfig):
@@ -100,10 +73,10 @@ def _param_of(message: str) -> str | None:
 def untrained_drafts_note(path: Path) -> str | None:
     """A note when the export's drafts were never trained (`fluid export --from-model`)."""
     try:
-        meta = json.loads((path / "fluid.json").read_text())
-    except (OSError, ValueError):
+        meta = read_fluid_meta(path)
+    except FluidError:
         return None
-    if (meta.get("train_config") or {}).get("steps_done", 1) == 0:
+    if (meta.train_config or {}).get("steps_done", 1) == 0:
         return ("this export's [M] drafts are untrained (made by `fluid export --from-model`): policy 'verify' "
                 "stays lossless but runs at AR speed; adapt the model (`fluid adapt`) for speed-ups")
     return None
@@ -128,7 +101,7 @@ class FluidServer:
         self.drafts_note = untrained_drafts_note(path)
         if self.drafts_note:
             log.warning("%s", self.drafts_note)
-        if not self.auth.on and self.cfg.host not in LOOPBACK:
+        if not self.auth.on and self.cfg.host not in LOOPBACK_HOSTS:
             log.warning("serving on %s without an API key: anyone who reaches the port can generate", self.cfg.host)
         log.info("FLUID replica ready: model %s from %s, auth %s", name, path, "on" if self.auth.on else "off")
 

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE, copy_folder
 
-META_FILE = "fluid_source.json"
-EXPORT_META_FILE = "fluid.json"
-META_VERSION = 1
+SOURCE_META_FILE = "fluid_source.json"
+SOURCE_META_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,10 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None, *, mask_token:
     )
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The mask-token metadata of a resolved or exported folder."""
+def read_source_meta(path: str | Path) -> dict[str, Any]:
+    """The mask-token metadata of a resolved folder (`fluid_source.json`) or an export (`fluid.json`)."""
     path = Path(path)
-    for name in (META_FILE, EXPORT_META_FILE):
+    for name in (SOURCE_META_FILE, FLUID_META_FILE):
         f = path / name
         if f.is_file():
             try:
@@ -131,7 +131,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             if "mask_token_id" not in meta:
                 raise FluidError(f"{f} has no mask_token_id; delete the folder and resolve again")
             return meta
-    raise FluidError(f"{path} has no {META_FILE} or {EXPORT_META_FILE}; resolve it with resolve_model first")
+    raise FluidError(f"{path} has no {SOURCE_META_FILE} or {FLUID_META_FILE}; resolve it with resolve_model first")
 
 
 # --- cache mechanics -----------------------------------------------------------------------------
@@ -173,11 +173,11 @@ def cached_download(entry: Path, requirement: str, extract, *, what: str) -> Pat
 
 
 def _cached(entry: Path, build) -> ResolvedModel:
-    return _resolved(build_cached(entry, build, marker=META_FILE))
+    return _resolved(build_cached(entry, build, marker=SOURCE_META_FILE))
 
 
 def _resolved(entry: Path) -> ResolvedModel:
-    meta = read_meta(entry)
+    meta = read_source_meta(entry)
     return ResolvedModel(path=entry, mask_token_id=int(meta["mask_token_id"]), meta=meta)
 
 
@@ -281,22 +281,12 @@ def _build_from_url(url: str, out: Path, mask_token: str) -> None:
         fs, root = fsspec.core.url_to_fs(url)
         if not fs.isdir(root):
             raise FluidError(f"model URL {url} is not a folder (expected config.json, weights and tokenizer)")
-        files = [f for f in fs.find(root) if not fs.isdir(f)]
     except FluidError:
         raise
     except Exception as e:
         raise FluidError(f"cannot list model URL {url} ({type(e).__name__}: {e})") from None
-    if not files:
-        raise FluidError(f"model URL {url} is empty")
-    print(f"[fluid] copying {len(files)} files from {url} …", file=sys.stderr, flush=True)
-    root_stripped = root.rstrip("/")
-    for f in files:
-        rel = f[len(root_stripped):].lstrip("/")
-        if rel.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")):
-            continue  # pickled weights are never loaded; safetensors only
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f, str(dest))
+    print(f"[fluid] copying the files of {url} …", file=sys.stderr, flush=True)
+    copy_folder(url, out, what=f"model URL {url}")  # pickled weights are never loaded; safetensors only
     _prepare_folder(out, out, spec=url, kind="fsspec", mask_token=mask_token)
 
 
@@ -314,9 +304,9 @@ def _build_from_hub(repo_id: str, out: Path, mask_token: str) -> None:
 def _resolve_local_dir(path: Path, cache: Path, mask_token: str) -> ResolvedModel:
     if not (path / "config.json").is_file():
         raise FluidError(f"model folder {path} has no config.json; it is not a Hugging Face model folder")
-    for name in (EXPORT_META_FILE, META_FILE):  # already prepared or exported by us: use as is
+    for name in (FLUID_META_FILE, SOURCE_META_FILE):  # already prepared or exported by us: use as is
         if (path / name).is_file():
-            meta = read_meta(path)
+            meta = read_source_meta(path)
             return ResolvedModel(path=path, mask_token_id=int(meta["mask_token_id"]), meta=meta)
     entry = cache / "models" / f"local-{_slug(str(path.resolve()))}"
     return _cached(entry, lambda tmp: _prepare_folder(path, tmp, spec=str(path), kind="local",
@@ -359,5 +349,5 @@ def _add_mask_token(tokenizer, mask_token: str) -> int:
 
 
 def _write_meta(out: Path, **fields: Any) -> None:
-    meta = {"format_version": META_VERSION, **fields, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"format_version": SOURCE_META_VERSION, **fields, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / SOURCE_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -12,7 +12,8 @@ Out: * `stage_folder(folder, root)` → `<root>/.fluid/models/<sha256>` (content
        kept (the split of a `.txt` document is decided by its file name, so it does not change);
        `stage_items` does it for planned corpus files and stages the tokenizer (`stage_tokenizer`: the
        model folder without its weights, `<root>/.fluid/tokenizers/<sha256>`).
-     * `upload_dir`, `download_dir`, `is_remote`, `join`: small fsspec helpers for outputs.
+     * `upload_dir`, `copy_out`, `is_remote`, `join`: small fsspec helpers for outputs (copying a
+       remote folder down is `pipeline.export_format.copy_folder`).
 
 Credentials and endpoints come from the environment as the cloud SDKs read them (e.g.
 `AWS_ENDPOINT_URL` for an S3-compatible store); nothing here prints them.
@@ -165,23 +166,6 @@ def upload_dir(local: str | Path, url: str) -> None:
             dest = join(base, f.relative_to(local).as_posix())
             fs.makedirs(os.path.dirname(dest), exist_ok=True)
             fs.put_file(str(f), dest)
-
-
-def download_dir(url: str, local: str | Path) -> Path:
-    """Copy the files under `url` into the local folder `local` (created); returns it."""
-    fs, base = _fs(url)
-    local = Path(local)
-    try:
-        files = [f for f in fs.find(base) if not fs.isdir(f)]
-    except Exception as e:
-        raise FluidError(f"cannot list {url} ({type(e).__name__}: {e})") from None
-    if not files:
-        raise FluidError(f"{url} is empty or missing")
-    for f in files:
-        dest = local / f[len(base.rstrip('/')):].lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f, str(dest))
-    return local
 
 
 def copy_out(local: str | Path, target: str) -> None:

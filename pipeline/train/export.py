@@ -1,21 +1,19 @@
-"""Hugging Face export of an adapted model, with its FLUID metadata, and loading it back.
+"""Hugging Face export of an adapted model, with its FLUID metadata (the format: pipeline/export_format.py).
 
 In (export_hf): a trained model — plain, peft-wrapped (LoRA is merged), a frozen base with its gated
      drafter (the base files are copied unchanged, the drafter goes to drafter.safetensors), or FSDP2-sharded (every rank
      must call; the full state dict is gathered to rank 0's CPU and only rank 0 writes) — its
      tokenizer, and `fluid_meta` (the keys of REQUIRED_META; values may be None where unknown).
 Out: `out_dir/` with model.safetensors + config.json (save_pretrained), the tokenizer files and
-     `fluid.json`. Everything is written into a temporary sibling folder which is then renamed into
-     place, so a crash never leaves a half-written export (an old export is replaced whole).
-In/Out (load_export): the folder → (model, tokenizer or None, meta). Weights are read with
-     `use_safetensors=True` only (nothing is unpickled); fluid.json is validated first.
+     `fluid.json` (written by `write_fluid_meta`). Everything is written into a temporary sibling folder
+     which is then renamed into place, so a crash never leaves a half-written export (an old export
+     is replaced whole). Loading an export back is `pipeline.decode.load.load_export`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -27,14 +25,7 @@ import torch.distributed as dist
 
 import pipeline
 from pipeline.errors import FluidError
-
-FORMAT_VERSION = 1
-META_FILE = "fluid.json"
-REQUIRED_META = (
-    "mask_token", "mask_token_id", "k_max", "policy_defaults", "base_model", "data_config", "train_config",
-)
-_POLICY_KEYS = ("policy", "gamma", "max_horizon")
-_BASE_KEYS = ("spec", "sha256")
+from pipeline.export_format import FORMAT_VERSION, FluidMeta, write_fluid_meta
 
 
 def code_version() -> str:
@@ -61,28 +52,6 @@ def _jsonable(x):
     if isinstance(x, torch.dtype):
         return str(x).removeprefix("torch.")
     return x
-
-
-def validate_meta(meta, where: str = "fluid metadata") -> dict:
-    """Check the fluid.json structure; returns it. Unknown extra keys are kept (e.g. a K-head)."""
-    if not isinstance(meta, dict):
-        raise FluidError(f"{where}: expected a JSON object, got {type(meta).__name__}")
-    version = meta.get("format_version")
-    if version is None:
-        raise FluidError(f"{where}: missing format_version (not a FLUID export?)")
-    if version != FORMAT_VERSION:
-        raise FluidError(f"{where}: unknown format_version {version!r} (this code reads {FORMAT_VERSION})")
-    missing = [key for key in REQUIRED_META if key not in meta]
-    if missing:
-        raise FluidError(f"{where}: missing keys {missing}")
-    if not isinstance(meta["mask_token_id"], int) or meta["mask_token_id"] < 0:
-        raise FluidError(f"{where}: mask_token_id must be a non-negative integer, got {meta['mask_token_id']!r}")
-    if not isinstance(meta["k_max"], int) or meta["k_max"] < 1:
-        raise FluidError(f"{where}: k_max must be a positive integer, got {meta['k_max']!r}")
-    for key, sub in (("policy_defaults", _POLICY_KEYS), ("base_model", _BASE_KEYS)):
-        if not isinstance(meta[key], dict) or any(s not in meta[key] for s in sub):
-            raise FluidError(f"{where}: {key} must be an object with keys {list(sub)}")
-    return meta
 
 
 def _full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -130,7 +99,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict, base_d
     meta = _jsonable(dict(fluid_meta))
     meta.pop("code_version", None)
     meta = {"format_version": FORMAT_VERSION, **meta, "code_version": code_version()}
-    validate_meta(meta)
+    FluidMeta.from_dict(meta)  # refuse incomplete metadata before any work
     from pipeline.model.parallelize import is_sharded
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -157,7 +126,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, *, fluid_meta: dict, base_d
             to_save.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+            write_fluid_meta(tmp, meta)
     finally:
         if distributed:
             dist.barrier()
@@ -175,7 +144,7 @@ def _export_drafter(model, tokenizer, out: Path, *, fluid_meta: dict, base_dir) 
     meta = _jsonable({**fluid_meta, "drafter": {**spec, "mask_token_id": int(fluid_meta["mask_token_id"])}})
     meta.pop("code_version", None)
     meta = {"format_version": FORMAT_VERSION, **meta, "code_version": code_version()}
-    validate_meta(meta)
+    FluidMeta.from_dict(meta)  # refuse incomplete metadata before any work
     state = drafter_state(_full_state_dict(model))  # collective when sharded
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_rank() != 0:
@@ -192,7 +161,7 @@ def _export_drafter(model, tokenizer, out: Path, *, fluid_meta: dict, base_dir) 
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             save_file({k: v.detach().cpu() for k, v in state.items()}, str(tmp / DRAFTER_FILE))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+            write_fluid_meta(tmp, meta)
     finally:
         if distributed:
             dist.barrier()
@@ -221,44 +190,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def read_meta(export_dir: str | Path) -> dict:
-    """Read and validate `fluid.json` of an export folder."""
-    path = Path(export_dir) / META_FILE
-    if not path.is_file():
-        raise FluidError(f"{export_dir}: no {META_FILE} (not a FLUID export)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FluidError(f"{path}: corrupt JSON ({e})") from e
-    return validate_meta(meta, str(path))
-
-
-def load_export(export_dir: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                trust_remote_code: bool = False):
-    """Load an export → (model, tokenizer or None, meta); safetensors only, metadata validated.
-    `trust_remote_code` runs the model's own code (only when the user's config allows it)."""
-    from pipeline.model.causal_lm import MASK_MARKER, load_causal_lm
-
-    meta = read_meta(export_dir)
-    model = load_causal_lm(export_dir, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
-                           trust_remote_code=trust_remote_code)
-    if meta.get("drafter"):  # frozen base + gated drafter (pipeline/model/drafter.py)
-        from pipeline.model.drafter import load_drafter
-
-        load_drafter(model, export_dir, meta["drafter"])
-    vocab = model.get_input_embeddings().num_embeddings
-    if meta["mask_token_id"] >= vocab:
-        raise FluidError(f"{export_dir}: mask_token_id {meta['mask_token_id']} outside the {vocab} embeddings")
-    setattr(model.config, MASK_MARKER, meta["mask_token_id"])
-    tokenizer = None
-    if any((Path(export_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=trust_remote_code)
-    model.eval()
-    return model, tokenizer, meta
 
 
 def export_meta(cfg, mask_token_id: int, base_sha256: str | None, step: int) -> dict:

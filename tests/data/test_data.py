@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.batch import COLUMNS
 from pipeline.config import DataConfig, NoiseConfig
 from pipeline.data import ray_pipeline as data
 from pipeline.data.packing import split_seq_index
@@ -28,7 +29,7 @@ from pipeline.sources.corpus import iter_documents, list_sources
 from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
 
 L = 24  # seq_len of these tests
-COLS = ("input_ids", "position_ids", "span_id", "anchor", "labels", "k")
+COLS = COLUMNS
 
 
 @pytest.fixture(scope="module")

@@ -59,8 +59,9 @@ def test_fold_normalisation_matches_normalised_input():
 def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path):
     from jobs.fit_horizon import HEAD_FILE, main
     from pipeline.decode.sampler import GenerationRequest, Sampler
+    from pipeline.export_format import read_fluid_meta
     from pipeline.model.causal_lm import add_mask_token
-    from pipeline.train.export import export_hf, read_meta
+    from pipeline.train.export import export_hf
     from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
@@ -81,7 +82,7 @@ def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path):
                "--horizon.examples=8", "--horizon.spans_per_example=4", "--horizon.epochs=5",
                "--horizon.tau=100", f"--train.storage_path={tmp_path / 'runs'}"])
     assert rc == 0
-    meta = read_meta(export)
+    meta = read_fluid_meta(export).to_dict()
     info = meta["horizon_head"]
     assert info["file"] == HEAD_FILE and info["tau"] == 100 and info["pairs"] > 0
     assert info["mean_k_star"] == 4.0  # tau = 100 admits every full span: K* = K_max

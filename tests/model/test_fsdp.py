@@ -168,7 +168,7 @@ def test_bf16_on_gloo_is_refused(fsdp_run):
 
 
 def test_fsdp2_export_rank0_writes_loadable_model(fsdp_run):
-    from pipeline.train.export import load_export
+    from pipeline.decode.load import load_export
 
     out, results = fsdp_run
     assert results[0]["export_ret"] is not None and results[1]["export_ret"] is None

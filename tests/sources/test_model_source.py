@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 from pipeline.errors import FluidError
-from pipeline.sources.model_source import META_FILE, read_meta, resolve_model
+from pipeline.sources.model_source import SOURCE_META_FILE, read_source_meta, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,13 +26,13 @@ def test_local_dir_gets_mask_token_without_touching_the_original(tiny_model_dir,
     assert r.mask_token_id == n_vocab  # appended after the existing vocabulary
     tok = AutoTokenizer.from_pretrained(r.path)
     assert tok.mask_token == "[M]" and tok.convert_tokens_to_ids("[M]") == r.mask_token_id
-    assert read_meta(r.path)["mask_token_id"] == r.mask_token_id
+    assert read_source_meta(r.path)["mask_token_id"] == r.mask_token_id
     assert (r.path / "model.safetensors").is_symlink()  # weights are linked, not copied
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == before  # original untouched
     # second call: a cache hit that returns the same folder and does not rebuild it
-    created = read_meta(r.path)["created"]
+    created = read_source_meta(r.path)["created"]
     r2 = resolve_model(str(tiny_model_dir), tmp_path / "cache")
-    assert r2.path == r.path and read_meta(r2.path)["created"] == created
+    assert r2.path == r.path and read_source_meta(r2.path)["created"] == created
 
 
 def test_resolved_folder_loads_as_hf_model(tiny_model_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_fsspec_url_is_copied_to_the_cache(tiny_model_dir, tmp_path, scheme):
     cache = tmp_path / "cache"
     r = resolve_model(url, cache)
     assert (r.path / "model.safetensors").is_file() and not (r.path / "model.safetensors").is_symlink()
-    assert read_meta(r.path)["kind"] == "fsspec"
+    assert read_source_meta(r.path)["kind"] == "fsspec"
     assert resolve_model(url, cache).path == r.path
     assert _no_temp_leftovers(cache)
 
@@ -134,7 +134,7 @@ def test_default_model_converts_and_predicts_english(default_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    meta = json.loads((default_model.path / META_FILE).read_text())
+    meta = json.loads((default_model.path / SOURCE_META_FILE).read_text())
     assert meta["sha256"].startswith("b179c952") and meta["kind"] == "gguf"
     tok = AutoTokenizer.from_pretrained(default_model.path)
     model = AutoModelForCausalLM.from_pretrained(default_model.path).eval()

@@ -1,4 +1,4 @@
-"""pipeline.train.export: export → load_export round trip, fluid.json, atomic writes, LoRA merge."""
+"""pipeline.train.export (read back by decode.load.load_export): round trip, fluid.json, atomic writes, LoRA merge."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import pipeline
+from pipeline.decode.load import load_export
 from pipeline.errors import FluidError
+from pipeline.export_format import FLUID_META_FILE, FORMAT_VERSION, read_fluid_meta
 from pipeline.model.causal_lm import add_mask_token, forward_batch
 from pipeline.model.parallelize import apply_lora
-from pipeline.train.export import FORMAT_VERSION, META_FILE, export_hf, load_export, read_meta
+from pipeline.train.export import export_hf
 from tests.model.test_model import MASK_ID, VOCAB, make_batch, rand_tokens, tiny_llama
 
 MASK_TOKEN = "<|mask|>"
@@ -58,7 +60,7 @@ def test_export_roundtrip_identical_logits(tmp_path, tied):
     out = export_hf(m, tiny_tokenizer(), tmp_path / "exp", fluid_meta=meta())
     assert out == tmp_path / "exp"
     files = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", META_FILE, "tokenizer.json"} <= files
+    assert {"model.safetensors", "config.json", FLUID_META_FILE, "tokenizer.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no temporary folder left behind
     loaded, tok, got = load_export(out)
@@ -80,7 +82,7 @@ def test_fluid_json_contents(tmp_path):
         steps: int = 10
 
     export_hf(_trained_model(), None, tmp_path / "e", fluid_meta=meta(train_config=TrainCfg(), extra={"a": 1}))
-    raw = json.loads((tmp_path / "e" / META_FILE).read_text())
+    raw = json.loads((tmp_path / "e" / FLUID_META_FILE).read_text())
     assert raw["format_version"] == FORMAT_VERSION == 1
     assert raw["mask_token"] == MASK_TOKEN and raw["mask_token_id"] == MASK_ID and raw["k_max"] == 16
     assert raw["policy_defaults"] == {"policy": "entropy", "gamma": 1.5, "max_horizon": 16}
@@ -89,7 +91,7 @@ def test_fluid_json_contents(tmp_path):
     assert raw["train_config"] == {"lr": 1e-3, "steps": 10}  # dataclass → dict
     assert raw["code_version"].startswith(pipeline.__version__)
     assert raw["extra"] == {"a": 1}
-    assert read_meta(tmp_path / "e") == raw
+    assert read_fluid_meta(tmp_path / "e").to_dict() == raw
 
 
 def test_export_refuses_incomplete_meta(tmp_path):
@@ -114,7 +116,7 @@ def test_export_refuses_incomplete_meta(tmp_path):
 )
 def test_corrupt_fluid_json_is_fluid_error(tmp_path, content, match):
     export_hf(_trained_model(), None, tmp_path / "e", fluid_meta=meta())
-    (tmp_path / "e" / META_FILE).write_text(content)
+    (tmp_path / "e" / FLUID_META_FILE).write_text(content)
     with pytest.raises(FluidError, match=match):
         load_export(tmp_path / "e")
 
@@ -135,10 +137,10 @@ def test_failed_export_leaves_old_export_intact(tmp_path):
 
     with pytest.raises(RuntimeError, match="disk full"):
         export_hf(m, BrokenTokenizer(), tmp_path / "e", fluid_meta=meta(k_max=12))
-    assert read_meta(tmp_path / "e")["k_max"] == 8
+    assert read_fluid_meta(tmp_path / "e").k_max == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
     export_hf(m, None, tmp_path / "e", fluid_meta=meta(k_max=12))  # overwriting works
-    assert read_meta(tmp_path / "e")["k_max"] == 12
+    assert read_fluid_meta(tmp_path / "e").k_max == 12
 
 
 def test_lora_export_merges_adapters(tmp_path):

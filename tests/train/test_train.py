@@ -55,9 +55,9 @@ def tiny_resolved(tmp_path_factory):
 def test_resubmitted_run_on_two_workers_matches_uninterrupted(ray_local, tmp_path, tiny_resolved):
     corpus = _corpus(tmp_path / "corpus")
     base, base_metrics, result = _run(tmp_path, "straight", tiny_resolved, corpus)
-    from pipeline.train.export import read_meta
+    from pipeline.export_format import read_fluid_meta
 
-    meta = read_meta(result["export"])
+    meta = read_fluid_meta(result["export"]).to_dict()
     assert meta["mask_token_id"] == tiny_resolved.mask_token_id and meta["k_max"] == 4
     assert meta["train_config"]["steps_done"] == 4
     # the export is for inference: HF generate must use the KV cache (training ran without it)
