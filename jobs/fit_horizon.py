@@ -65,11 +65,11 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.adapt import check_storage
     from pipeline.batch import COLUMNS
     from pipeline.data.ray_pipeline import build_dataset, collect_rows, init_ray
     from pipeline.sources.staging import stage_folder
     from pipeline.train.cluster import stage_root
+    from pipeline.train.preflight import check_storage
 
     init_ray()
     storage = check_storage(cfg.train.storage_path)

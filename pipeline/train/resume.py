@@ -2,7 +2,7 @@
 
 In:  the config and the resolved model (and, for `latest_checkpoint`, the run folder). Out:
      * `trained_on(cfg, resolved)` → {dotted key: value} of every setting that changes what is trained;
-     * `fingerprint(cfg, resolved)` → the part of it the training shards depend on (jobs/train_data.py
+     * `fingerprint(cfg, resolved)` → the part of it the training shards depend on (pipeline/train/shards.py
        reuses shards only when it matches);
      * `check_resume(saved, want, mode=…)` → nothing, a one-line `FluidError` naming the keys that
        differ (`train.resume=auto`), or a warning with them (`force`);

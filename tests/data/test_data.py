@@ -246,9 +246,9 @@ def test_training_shards_are_the_same_for_any_parallelism(ray_quiet, tiny, corpu
     the same order and row groups, and the streaming reader hands each rank the same batches."""
     from types import SimpleNamespace
 
-    from jobs.train_data import prepare_train_shards
     from pipeline.config import load_config
     from pipeline.data.streaming import ShardReader, list_blocks, rows_digest
+    from pipeline.train.shards import prepare_train_shards
 
     resolved = SimpleNamespace(path=tiny[0], mask_token_id=tiny[1], meta={"sha256": "tiny"})
     ctx = ray_quiet.data.DataContext.get_current()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.adapt import check_model, check_storage, validate
 from pipeline.config import load_config
 from pipeline.errors import FluidError
 from pipeline.train.optim import lr_lambda
+from pipeline.train.preflight import check_model, check_storage, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 

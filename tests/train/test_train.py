@@ -23,7 +23,7 @@ def _corpus(root, n_docs: int = 12):
 
 
 def _run(tmp_path, name, resolved, corpus, *overrides):
-    from jobs.adapt import build_training_datasets, fit
+    from pipeline.train.fit import build_training_datasets, fit
 
     cfg = load_config(None, ["--data.seq_len=16", "--noise.k_max=4", "--train.global_batch_size=4",
                              "--train.max_steps=4", "--train.checkpoint_every=1", "--train.lr=0.01",
