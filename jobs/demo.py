@@ -63,7 +63,7 @@ def _distill_for_demo(cfg, out: Path, log) -> str:
     """`fluid distill` into <out>/distilled (in this process: the demo's Ray instance runs the rest)."""
     import dataclasses
 
-    from jobs.distill import distill
+    from pipeline.train.self_distill import distill
 
     folder = out / "distilled"
     d = cfg.distill

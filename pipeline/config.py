@@ -178,7 +178,7 @@ class SamplerConfig:
 
 @dataclass
 class HorizonConfig:
-    """Stage II: the horizon head (K-head) fitted on a frozen adapted model (jobs/fit_horizon.py)."""
+    """Stage II: the horizon head (K-head) fitted on a frozen adapted model (pipeline/train/horizon.py)."""
 
     tau: float = 2.8
     """Oracle threshold (nats): K* = the longest draft whose running mean CE over k = 2…K′ stays ≤ tau for every K′ ≤ K."""

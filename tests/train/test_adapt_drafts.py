@@ -24,9 +24,9 @@ def _distill_cfg(tmp_path, resolved, corpus, *extra):
 
 def test_distill_matches_hf_generate_resumes_by_shard_and_trains_the_frozen_drafter(ray_local, tmp_path,
                                                                                      tiny_resolved):  # noqa: F811
-    from jobs.distill import distill
     from pipeline.data.distill import read_distilled, shard_path
     from pipeline.model.causal_lm import load_causal_lm
+    from pipeline.train.self_distill import distill
 
     corpus = _corpus(tmp_path / "corpus")
     summary = distill(_distill_cfg(tmp_path, tiny_resolved, corpus))
