@@ -221,24 +221,8 @@ def make_two_stream_example(
     ``k_mean`` is the mean horizon of ``span_distribution="geometric"`` (must be ≥ 2).
     """
     tokens = _check_tokens(tokens)
-    if not isinstance(k_max, (int, np.integer)) or k_max < 1:
-        raise ValueError(f"k_max must be an integer ≥ 1, got {k_max!r}")
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"rho (restoration probability) must be in [0, 1], got {rho!r}")
-    if span_distribution not in SPAN_DISTRIBUTIONS:
-        raise ValueError(
-            f"unknown span_distribution {span_distribution!r}; expected one of {SPAN_DISTRIBUTIONS}"
-        )
-    if k_mean is not None:
-        if span_distribution != "geometric":
-            raise ValueError("k_mean only applies to span_distribution='geometric'")
-        if not k_mean >= 2:
-            raise ValueError(f"k_mean must be ≥ 2 (a span has horizon K ≥ 2), got {k_mean!r}")
-    if draft_tokens is not None and draft_tokens < 0:
-        raise ValueError(f"draft_tokens must be ≥ 0, got {draft_tokens!r}")
-    if spans is not None and spans < 0:
-        raise ValueError(f"spans must be ≥ 0, got {spans!r}")
-
+    _check_noise(k_max=k_max, rho=rho, span_distribution=span_distribution, k_mean=k_mean,
+                 draft_tokens=draft_tokens, spans=spans)
     n = tokens.shape[0]
     if draft_tokens is not None:
         budget = int(draft_tokens)
@@ -353,3 +337,24 @@ def stats(example: dict[str, np.ndarray]) -> dict[str, int]:
         "padding": int((span == PAD).sum()),
         "masked": int((has_label & (k == 0)).sum()),
     }
+
+
+def _check_noise(*, k_max, rho, span_distribution, k_mean, draft_tokens, spans) -> None:
+    """ValueError for settings `make_two_stream_example` cannot use (one message per setting)."""
+    if not isinstance(k_max, (int, np.integer)) or k_max < 1:
+        raise ValueError(f"k_max must be an integer ≥ 1, got {k_max!r}")
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho (restoration probability) must be in [0, 1], got {rho!r}")
+    if span_distribution not in SPAN_DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown span_distribution {span_distribution!r}; expected one of {SPAN_DISTRIBUTIONS}"
+        )
+    if k_mean is not None:
+        if span_distribution != "geometric":
+            raise ValueError("k_mean only applies to span_distribution='geometric'")
+        if not k_mean >= 2:
+            raise ValueError(f"k_mean must be ≥ 2 (a span has horizon K ≥ 2), got {k_mean!r}")
+    if draft_tokens is not None and draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be ≥ 0, got {draft_tokens!r}")
+    if spans is not None and spans < 0:
+        raise ValueError(f"spans must be ≥ 0, got {spans!r}")

@@ -206,28 +206,9 @@ class _Decoder:
         (the training layout's two-stream rule, attention.two_stream_mask), so one step may draft for
         every possible verdict at once."""
         s = self.s
-        ks = [self._horizon(row) for row in rows]
-        if len(rows) > 1:  # price cost-aware horizons at the width the other rows give the batch
-            widths = [len(row.feed) + len(self._anchors(row, k)) * (k - 1) for row, k in zip(rows, ks, strict=True)]
-            top = sorted(widths)[-2:]
-            ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
-                  else k for row, k, w in zip(rows, ks, widths, strict=True)]
-        anchors = [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
-        lens = torch.tensor([len(row.feed) + len(a) * (k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)])
-        b_sz, width, past = len(rows), int(lens.max()), kvcache.cache_len(cache)
-        ids = torch.full((b_sz, width), s.mask_token_id, dtype=torch.long)
-        local = torch.arange(width).repeat(b_sz, 1)  # position within the step input
-        span = torch.full((b_sz, width), PAD, dtype=torch.long)
-        anchor = local.clone()
-        for i, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
-            f = len(row.feed)
-            ids[i, :f] = torch.tensor(row.feed)
-            span[i, :f] = CLEAN
-            for j, a in enumerate(anc):
-                lo = f + j * (k - 1)
-                local[i, lo : lo + k - 1] = torch.arange(a + 1, a + k)
-                span[i, lo : lo + k - 1] = j
-                anchor[i, lo : lo + k - 1] = a
+        ks, anchors = self._plan(rows)
+        ids, local, span, anchor, lens = self._step_input(rows, ks, anchors)
+        width, past = ids.shape[1], kvcache.cache_len(cache)
         pos = torch.tensor([row.pos for row in rows])[:, None] + local
         mask = None
         if bool((lens != width).any()) or not bool(self.valid.all()) or any(len(a) > 1 for a in anchors):
@@ -240,29 +221,71 @@ class _Decoder:
                       **{s.cache_kwarg: cache})
         logits = out.logits.float()
         logits[..., s.banned_ids] = float("-inf")
-        off = width - keep
+        hidden = out.hidden_states[-1] if want_hidden else None
         keeps, events = [], []
         for b, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
-            lg = logits[b, first[b] - off : int(lens[b]) - off]
-            if row.r.policy == "verify":
-                tokens, kept = self._verify(row, lg, [a - first[b] for a in anc], k - 1)
-            else:
-                tokens, kept = self._draft(row, lg, k), len(row.feed)
-                if want_hidden:
-                    row.prev_hidden = out.hidden_states[-1][b, kept - 1].detach()
-                row.feed, row.n_drafts = list(tokens), 0
+            lg = logits[b, first[b] - (width - keep): int(lens[b]) - (width - keep)]
+            kept, tokens = self._read_row(row, lg, k, [a - first[b] for a in anc],
+                                          hidden[b] if hidden is not None else None)
             keeps.append(kept)
-            row.pos += kept
             row.stats.mask_tokens += len(anc) * (k - 1)
             events.append((row, self._commit(row, tokens)))
             if row.observe:
                 self._judge_probe(row)
+        self._keep_in_cache(cache, keeps, width)
+        return events
+
+    def _plan(self, rows: list[_Row]) -> tuple[list[int], list[list[int]]]:
+        """Each row's horizon k and span anchors; with several rows, cost-aware horizons are priced at
+        the width the other rows give the batch."""
+        ks = [self._horizon(row) for row in rows]
+        if len(rows) > 1:
+            widths = [len(row.feed) + len(self._anchors(row, k)) * (k - 1) for row, k in zip(rows, ks, strict=True)]
+            top = sorted(widths)[-2:]
+            ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
+                  else k for row, k, w in zip(rows, ks, widths, strict=True)]
+        return ks, [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
+
+    def _step_input(self, rows: list[_Row], ks: list[int], anchors: list[list[int]]):
+        """(ids, position within the step input, span id, anchor — each [B, W] — and each row's length):
+        the clean feed, then k − 1 masks per anchor; the rest of a row is padding."""
+        lens = torch.tensor([len(row.feed) + len(a) * (k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)])
+        b_sz, width = len(rows), int(lens.max())
+        ids = torch.full((b_sz, width), self.s.mask_token_id, dtype=torch.long)
+        local = torch.arange(width).repeat(b_sz, 1)
+        span = torch.full((b_sz, width), PAD, dtype=torch.long)
+        anchor = local.clone()
+        for i, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
+            f = len(row.feed)
+            ids[i, :f] = torch.tensor(row.feed)
+            span[i, :f] = CLEAN
+            for j, a in enumerate(anc):
+                lo = f + j * (k - 1)
+                local[i, lo : lo + k - 1] = torch.arange(a + 1, a + k)
+                span[i, lo : lo + k - 1] = j
+                anchor[i, lo : lo + k - 1] = a
+        return ids, local, span, anchor, lens
+
+    def _read_row(self, row: _Row, logits: torch.Tensor, k: int, anchors: list[int], hidden) -> tuple[int, list[int]]:
+        """(cache entries the row keeps, tokens it commits) from its logits; advances its position."""
+        if row.r.policy == "verify":
+            tokens, kept = self._verify(row, logits, anchors, k - 1)
+        else:
+            tokens, kept = self._draft(row, logits, k), len(row.feed)
+            if hidden is not None:
+                row.prev_hidden = hidden[kept - 1].detach()
+            row.feed, row.n_drafts = list(tokens), 0
+        row.pos += kept
+        return kept, tokens
+
+    def _keep_in_cache(self, cache, keeps: list[int], width: int) -> None:
+        """Crop the step's trailing entries no row keeps (masks come after every clean token, so kept
+        entries lead) and record which of the rest each row holds."""
         kmax = max(keeps)
-        kvcache.drop_last(cache, width - kmax)  # masks come after every clean token: kept entries lead
-        dev = s.device
+        kvcache.drop_last(cache, width - kmax)
+        dev = self.s.device
         new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
         self.valid = torch.cat([self.valid, new_valid], dim=1)
-        return events
 
     def _mask(self, valid: torch.Tensor, local: torch.Tensor, span: torch.Tensor, anchor: torch.Tensor,
               past: int) -> torch.Tensor:
