@@ -1,9 +1,10 @@
 """Gradient accumulation on 2-process FSDP2 (gloo, CPU, fp32) reduces gradients once per step, exactly.
 
 `train_step` runs `ACCUM` micro-batches per optimizer step; on an FSDP2 model only the last one's
-backward reduce-scatters (the others accumulate on each rank). One spawn of two ranks trains the same
-model twice — as `train_step` does it, and with a reduction after every micro-batch (the behaviour
-before, `set_gradient_sync` forced to True) — counting reduce-scatters. The losses and parameters of
+backward reduce-scatters (the others accumulate on each rank), and parameters stay unsharded from one
+micro-batch's backward to the next one's forward. One spawn of two ranks trains the same model twice —
+as `train_step` does it, and with a reduction after every micro-batch (the behaviour before,
+`set_gradient_sync` forced to True) — counting reduce-scatters and all-gathers. The losses and parameters of
 both must equal each other and a single process training on the whole global micro-batches.
 """
 
@@ -56,20 +57,35 @@ def train(model, local) -> list[float]:
             for s in range(STEPS)]
 
 
+def _count_calls(monkeypatch, counts: dict, op: str) -> None:
+    """Count the calls of `torch.distributed.<op>` in `counts[op]` (FSDP2 makes one per FSDP group for
+    each reduce-scatter and all-gather)."""
+    real = getattr(dist, op)
+
+    def counted(*args, **kwargs):
+        counts[op] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, op, counted)
+
+
 def _counted_run(rank: int, *, sync_every_micro_batch: bool, monkeypatch) -> dict:
-    """Train a fresh FSDP2 model; its losses, full parameters and how many reduce-scatters ran."""
+    """Train a fresh FSDP2 model; its losses, full parameters and how many reduce-scatters and
+    all-gathers ran."""
     import pipeline.model.parallelize as par
 
-    calls = []
-    real_rs, real_sync = dist.reduce_scatter_single, par.set_gradient_sync
-    monkeypatch.setattr(dist, "reduce_scatter_single", lambda *a, **kw: calls.append(1) or real_rs(*a, **kw))
+    counts = {"reduce_scatter_single": 0, "all_gather_single": 0}
+    for op in counts:
+        _count_calls(monkeypatch, counts, op)
     if sync_every_micro_batch:
+        real_sync = par.set_gradient_sync
         monkeypatch.setattr(par, "set_gradient_sync", lambda model, sync: real_sync(model, True))
     model = apply_fsdp2(model_fn(), mixed_precision=False)
     losses = train(model, lambda b: _half(b, rank))
     monkeypatch.undo()
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    return {"losses": losses, "params": params, "reduce_scatters": len(calls)}
+    return {"losses": losses, "params": params, "reduce_scatters": counts["reduce_scatter_single"],
+            "all_gathers": counts["all_gather_single"]}
 
 
 def _worker(rank, port, out_dir):
@@ -102,6 +118,9 @@ def test_one_reduction_per_step(accum_run):
     for res in accum_run:
         once, every = res["once"]["reduce_scatters"], res["every"]["reduce_scatters"]
         assert once > 0 and every == ACCUM * once, (once, every)  # one per FSDP group per step, not per micro-batch
+        # parameters stay unsharded from one micro-batch's backward to the next one's forward
+        gathers = res["once"]["all_gathers"], res["every"]["all_gathers"]
+        assert 0 < gathers[0] < gathers[1], gathers
 
 
 def test_reduce_once_equals_reduce_every_micro_batch_and_one_process(accum_run):
