@@ -102,6 +102,25 @@ def apply_fsdp2(model: nn.Module, *, mesh=None, mixed_precision: bool, reshard_r
     return model
 
 
+def set_gradient_sync(model: nn.Module, sync: bool) -> bool:
+    """Whether the next backward of an FSDP2 `model` reduce-scatters its gradients (`sync=True`) or
+    only adds them to this rank's unsharded accumulator (`sync=False`); the next synced backward then
+    reduces the accumulated sum once. Gradient accumulation calls it with False for every micro-batch
+    but the last of a step. Returns whether `model` is FSDP2; a plain module is left as it is.
+
+    With `sync=False` the parameters also stay unsharded after backward, so the next micro-batch's
+    forward all-gathers nothing (its backward still does); the synced backward reshards them before
+    the optimizer step. Between micro-batches a rank then holds the whole model's parameters and
+    gradients, as DDP does (benchmarks/records/grad_accum_step_time.json: what each saves on CPU)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return False
+    model.set_requires_gradient_sync(sync)
+    model.set_reshard_after_backward(sync)
+    return True
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when any parameter is a DTensor (the model went through fully_shard)."""
     from torch.distributed.tensor import DTensor

@@ -55,24 +55,10 @@ def local_batches(rows, *, micro_global: int, rank: int, world: int, device,
         yield rank_slice(batch, rank=rank, world_size=world, mode=mode, device=device)
 
 
-def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: list, cfg: FluidConfig,
-               *, step: int, device) -> dict:
-    """One optimizer update over `cfg.train.grad_accum` micro-batches; returns the step's metrics.
-
-    `step` is the number of updates done before this one (it drives the bidirectional baseline's
-    mask annealing)."""
-    from pipeline.model.causal_lm import drafter_forward_batch, forward_batch
-    from pipeline.model.losses import bidirectional_loss, count_targets, metrics_from_sums, stage1_loss
-    from pipeline.model.parallelize import compute_precision
-
-    _, world_size = world()
-    k_max, accum = cfg.noise.k_max, cfg.train.grad_accum
-    t0 = time.time()
-    wait = 0.0
-    sums = torch.zeros(k_max + 1, device=device)
-    counts = torch.zeros(k_max + 1, device=device)
-    n_tokens = 0
-    micro = []
+def _next_micro_batches(batches: Iterator[dict], accum: int, *, step: int) -> tuple[list[dict], float]:
+    """The next `accum` micro-batches of `batches` and the seconds spent waiting for them; FluidError
+    when the data runs out."""
+    micro, wait = [], 0.0
     for _ in range(accum):
         tw = time.time()
         batch = next(batches, None)
@@ -80,6 +66,56 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         if batch is None:
             raise FluidError(f"training data ran out at step {step}: add data or lower train.max_steps")
         micro.append(batch)
+    return micro, wait
+
+
+def _micro_loss(model, batch: dict, cfg: FluidConfig, *, step: int, device, gcount, world_size: int,
+                split_drafter: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch; returns (its share of the step's loss, to backward; CE sums by k;
+    target counts by k). The bidirectional baseline's sums and counts go to slot 1."""
+    from pipeline.model.causal_lm import drafter_forward_batch, forward_batch
+    from pipeline.model.losses import bidirectional_loss, stage1_loss
+    from pipeline.model.parallelize import compute_precision
+
+    k_max = cfg.noise.k_max
+    anneal, gen = 1.0, None
+    if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
+        anneal = min(1.0, step / cfg.train.anneal_steps)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
+    with compute_precision(device, cfg.model.dtype):
+        if split_drafter:  # frozen base: no autograd through the clean stream (same loss and gradient)
+            logits = drafter_forward_batch(model, batch)
+        else:
+            logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
+    logits = logits.float()  # the loss in fp32 also under bf16 autocast
+    if cfg.noise.mode == "bidirectional":
+        loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
+        sums, counts = torch.zeros(k_max + 1, device=device), torch.zeros(k_max + 1, device=device)
+        sums[1], counts[1] = m["masked_ce"] * m["n_masked"], m["n_masked"]
+        return loss / cfg.train.grad_accum, sums, counts
+    # Σ over micro-batches of local sums / global counts: one division, no mean of means
+    loss, m = stage1_loss(logits, batch["labels"], batch["k"], lam=cfg.train.lam, k_max=k_max,
+                          global_count_by_k=gcount, world_size=world_size)
+    return loss, m["ce_sum_by_k"], m["count_by_k"]
+
+
+def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: list, cfg: FluidConfig,
+               *, step: int, device) -> dict:
+    """One optimizer update over `cfg.train.grad_accum` micro-batches; returns the step's metrics.
+
+    `step` is the number of updates done before this one (it drives the bidirectional baseline's
+    mask annealing). An FSDP2 model reduces gradients across ranks once per step, in the backward of
+    the last micro-batch (the earlier ones accumulate locally): the same gradient as reducing each."""
+    from pipeline.model.losses import count_targets, metrics_from_sums
+    from pipeline.model.parallelize import set_gradient_sync
+
+    _, world_size = world()
+    k_max, accum = cfg.noise.k_max, cfg.train.grad_accum
+    t0 = time.time()
+    micro, wait = _next_micro_batches(batches, accum, step=step)
+    sums = torch.zeros(k_max + 1, device=device)
+    counts = torch.zeros(k_max + 1, device=device)
+    n_tokens = 0
     # HF turns the KV cache off under activation checkpointing, which the split forward needs
     split_drafter = (cfg.train.drafter == "adapter" and cfg.noise.mode == "causal"
                      and not cfg.train.activation_checkpointing)
@@ -88,28 +124,13 @@ def train_step(model, batches: Iterator[dict], optimizer, scheduler, trainable: 
         gcount = sum(count_targets(b["labels"], b["k"], k_max=k_max) for b in micro)
         if world_size > 1:
             dist.all_reduce(gcount)
-    for batch in micro:
+    for i, batch in enumerate(micro):
         n_tokens += int((batch["span_id"] != PAD).sum())
-        anneal, gen = 1.0, None
-        if cfg.noise.mode == "bidirectional" and cfg.train.anneal_steps > 0:
-            anneal = min(1.0, step / cfg.train.anneal_steps)
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # same on resume
-        with compute_precision(device, cfg.model.dtype):
-            if split_drafter:  # frozen base: no autograd through the clean stream (same loss and gradient)
-                logits = drafter_forward_batch(model, batch)
-            else:
-                logits = forward_batch(model, batch, mode=cfg.noise.mode, anneal=anneal, generator=gen)
-        logits = logits.float()  # the loss in fp32 also under bf16 autocast
-        if cfg.noise.mode == "bidirectional":
-            loss, m = bidirectional_loss(logits, batch["labels"], batch["weight"])
-            loss = loss / accum
-            sums[1] += m["masked_ce"] * m["n_masked"]
-            counts[1] += m["n_masked"]
-        else:  # Σ over micro-batches of local sums / global counts: one division, no mean of means
-            loss, m = stage1_loss(logits, batch["labels"], batch["k"], lam=cfg.train.lam, k_max=k_max,
-                                  global_count_by_k=gcount, world_size=world_size)
-            sums += m["ce_sum_by_k"]
-            counts += m["count_by_k"]
+        loss, s, c = _micro_loss(model, batch, cfg, step=step, device=device, gcount=gcount,
+                                 world_size=world_size, split_drafter=split_drafter)
+        sums += s
+        counts += c
+        set_gradient_sync(model, i == accum - 1)
         loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
     optimizer.step()
