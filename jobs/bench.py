@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(importlib.import_module(BENCHES[name]).main(["--help"]) or 0)
     command = shlex.join(["fluid", "bench", name, *rest])
-    load0 = os.getloadavg()[0]
-    return globals()[f"_{name}"](rest, record_path, command, load0, figure)
+    from jobs.bench_report import git_commit
+
+    load0, meta = os.getloadavg()[0], {"figure": figure, "commit": git_commit()}  # the commit it started on
+    return globals()[f"_{name}"](rest, record_path, command, load0, meta)
 
 
 def _take(rest: list[str], option: str) -> str | None:
@@ -59,7 +61,7 @@ def _take(rest: list[str], option: str) -> str | None:
     return value
 
 
-def _data(rest, record_path, command, load0, figure=None) -> int:
+def _data(rest, record_path, command, load0, meta) -> int:
     import jobs.bench_data as b
 
     with tempfile.TemporaryDirectory() as d:
@@ -71,11 +73,11 @@ def _data(rest, record_path, command, load0, figure=None) -> int:
 
     cols = ["pipeline", "TOKENIZERS_PARALLELISM", "cores", "wall s", "tokens/s", "1st batch s", "vs best loop %"]
     emit(record("data", cols, raw["rows"], settings=raw["settings"], goals=raw["goals"], load_before=load0,
-                command=command, figure=figure), record_path)
+                command=command, **meta), record_path)
     return int(rc or 0)
 
 
-def _sampler(rest, record_path, command, load0, figure=None) -> int:
+def _sampler(rest, record_path, command, load0, meta) -> int:
     import jobs.bench_sampler as b
 
     with tempfile.TemporaryDirectory() as d:
@@ -89,14 +91,14 @@ def _sampler(rest, record_path, command, load0, figure=None) -> int:
              "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar",
              "prefix_agreement": "prefix agreement", "match_rate": "match rate", "base_nll": "base NLL"}
     rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
-    emit(record("sampler", list(names.values()), rows, goals=raw["goals"], load_before=load0, command=command, figure=figure,
+    emit(record("sampler", list(names.values()), rows, goals=raw["goals"], load_before=load0, command=command, **meta,
                 settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"],
                           "hf_stock_tokens_per_s": raw["hf_stock_tokens_per_s"], "matmul": raw["matmul"]}),
          record_path)
     return int(rc or 0)
 
 
-def _serve(rest, record_path, command, load0, figure=None) -> int:
+def _serve(rest, record_path, command, load0, meta) -> int:
     import jobs.load_test as b
 
     with tempfile.TemporaryDirectory() as d:
@@ -107,7 +109,7 @@ def _serve(rest, record_path, command, load0, figure=None) -> int:
     rows = [json.loads(x) for x in lines if x.strip()]
     known = list(dict.fromkeys(["round", *getattr(b, "COLUMNS", [])]))
     cols = [c for c in known if rows and c in rows[0]] or (list(rows[0]) if rows else [])
-    emit(record("serve", cols, rows, load_before=load0, command=command, figure=figure), record_path)
+    emit(record("serve", cols, rows, load_before=load0, command=command, **meta), record_path)
     return int(rc or 0)
 
 

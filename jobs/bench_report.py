@@ -59,11 +59,12 @@ def machine(load_before: float | None = None) -> dict:
 
 def record(benchmark: str, columns: list[str], rows: list[dict], *, settings: dict | None = None,
            goals: list[dict] | None = None, load_before: float | None = None, command: str | None = None,
-           figure: str | None = None) -> dict:
+           figure: str | None = None, commit: str | None = None) -> dict:
     """One benchmark run as a record (the module docstring's schema); `figure` names the figure of
-    README.md / BENCHMARKS.md the run measures, when it measures one."""
+    README.md / BENCHMARKS.md the run measures, when it measures one; `commit` is the checkout's
+    commit when the run started (default: now)."""
     rec = {"schema": SCHEMA, "benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-           "machine": machine(load_before), "commit": git_commit(),
+           "machine": machine(load_before), "commit": commit or git_commit(),
            "command": command or shlex.join(["fluid", "bench", benchmark, *sys.argv[2:]]),
            "settings": settings or {}, "columns": columns, "rows": rows, "goals": goals or []}
     if figure:
