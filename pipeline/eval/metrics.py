@@ -67,7 +67,8 @@ def lambada_token_ids(tokenizer, items, min_tokens: int) -> list[list[int]]:
 @torch.no_grad()
 def lambada_ar_ce(model, tokenizer, items, *, min_tokens: int, batch_size: int = 8) -> dict:
     """AR CE on LAMBADA passages: `model` (HF causal LM) scores every next token of whole passages
-    (one sequence each, right-padded in batches) until at least `min_tokens` tokens are scored.
+    (one sequence each, right-padded in batches of similar lengths) until at least `min_tokens` tokens
+    are scored.
     Returns {"ce": nats per token, "tokens": tokens scored, "passages": passages used}; raises
     ValueError when the items hold fewer than `min_tokens` tokens."""
     seqs = lambada_token_ids(tokenizer, items, min_tokens)
@@ -75,9 +76,9 @@ def lambada_ar_ce(model, tokenizer, items, *, min_tokens: int, batch_size: int =
     if scored < min_tokens:
         raise ValueError(f"the LAMBADA items hold {scored} tokens, fewer than {min_tokens}")
     device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
+    total, by_length = 0.0, sorted(seqs, key=len)  # batches of similar lengths: little padding
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
         width = max(map(len, chunk))
         x = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(x)
