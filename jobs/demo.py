@@ -83,7 +83,7 @@ def recipe_self_distill(cfg, out: Path, log) -> list[str]:
 
 
 # The drafter's adapter on q, o, gate and down only: at equal CPU time it drafted as well as one on all
-# seven projections (README, "Drafts the verifier accepts") with 120 instead of 210 adapted modules, and
+# seven projections (BENCHMARKS.md, "Draft recipes at equal compute") with 120 instead of 210 adapted modules, and
 # each adapted module adds small matrix products to every decoding step that carries masks. No
 # restoration noise: decoding never reveals a draft position.
 DRAFTER_ARGS = ["--train.drafter=adapter", "--train.lora_rank=32", "--train.lora_alpha=64", "--train.lr=1e-3",

@@ -8,12 +8,18 @@ Measures, on the export and its base model (`fluid.json` names it; `--base` over
   are spread over `eval.tasks` Ray tasks;
 * the sampler table: tokens per forward, tokens/s and speed vs Hugging Face greedy `generate`
   (interleaved rounds in this run), agreement with AR greedy, NLL of the generations under the base
-  model; and a `threshold` sweep over `eval.gammas` (speed vs agreement).
+  model; and a `threshold` sweep over `eval.gammas` (speed vs agreement);
+* with `eval.lambada_ce_tokens` > 0, the AR CE of both over that many LAMBADA tokens (whole passages:
+  "no forgetting" outside the training domain).
 Writes report.json, report.md and PNG plots (CE by k before/after, training curves from the run's
 metrics.jsonl, accepted-length histogram, speed vs agreement) to `eval.output` (default: the folder
 `eval` next to the export).
 
 Example:  fluid evaluate --model runs/fluid-adapt/export --eval.lambada_items=200
+
+`fluid evaluate --model SPEC --lambada-ce-only` measures only the LAMBADA AR CE (eval.lambada_ce_tokens,
+50 000 when 0) of any model (an export: and of its base model) and writes lambada_ce.json (a record with
+the command, commit, machine and date) to eval.output (default runs/eval).
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="export folder of fluid adapt (with fluid.json)")
     parser.add_argument("--base", default=None, help="base model spec (default: fluid.json's base_model)")
     parser.add_argument("--metrics", default=None, help="metrics.jsonl of the run (default: next to the export)")
+    parser.add_argument("--lambada-ce-only", action="store_true",
+                        help="only the AR CE over eval.lambada_ce_tokens LAMBADA tokens (default 50 000) of --model "
+                             "(an export, a model folder or spec) and of an export's base model")
     args, cfg = parse_job_args(parser, argv)
+    if args.lambada_ce_only:
+        rec = lambada_ce_record(cfg, args.model, base_spec=args.base, argv=argv)
+        print(f"[fluid] LAMBADA AR CE record: {rec['path']}")
+        return 0
     report = evaluate(cfg, args.model, base_spec=args.base, metrics_path=args.metrics)
     print(f"[fluid] evaluation report: {report['paths']['markdown']} (plots and report.json alongside)")
     return 0
@@ -84,6 +97,9 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     log(f"[fluid] evaluate: AR CE {ce['base_ar_ce']:.3f} (base) → {ce['adapted_ar_ce']:.3f} (adapted), "
         f"k=2 CE {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
 
+    if e.lambada_ce_tokens > 0:
+        log(f"[fluid] evaluate: AR CE on {e.lambada_ce_tokens} LAMBADA tokens …")
+        ce["lambada_ar_ce"] = lambada_ce({"base": base, "adapted": sampler}, e.lambada_ce_tokens, cfg.model.cache_dir)
     lam = []
     if e.lambada_items > 0:
         log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(policies)} policies, {e.tasks} task(s) …")
@@ -108,6 +124,52 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def lambada_ce(samplers: dict, tokens: int, cache_dir) -> dict:
+    """{name: AR CE} of each sampler's model over the same ≥ `tokens` LAMBADA tokens, plus "tokens" and
+    "passages" (pipeline/eval/metrics.py: lambada_ar_ce)."""
+    from pipeline.eval.metrics import lambada_ar_ce
+    from pipeline.sources.eval_data import lambada_items
+
+    items = lambada_items(None, cache_dir)
+    out = {}
+    for name, s in samplers.items():
+        try:
+            r = lambada_ar_ce(s.model, s.tokenizer, items, min_tokens=tokens)
+        except ValueError as e:
+            raise FluidError(f"eval.lambada_ce_tokens: {e}") from None
+        out.update({name: r["ce"], "tokens": r["tokens"], "passages": r["passages"]})
+    return out
+
+
+def lambada_ce_record(cfg, model_spec: str, *, base_spec: str | None, argv) -> dict:
+    """`--lambada-ce-only`: the LAMBADA AR CE of `model_spec` (and of an export's base model) as a
+    record — figure, values, command, commit, machine, date — written to <eval.output>/lambada_ce.json."""
+    import shlex
+
+    from jobs.bench_report import git_commit, machine
+    from pipeline.decode.load import is_export, load_sampler
+    from pipeline.train.export import read_meta
+
+    commit, t0 = git_commit(), time.perf_counter()
+    tokens = cfg.eval.lambada_ce_tokens or 50_000
+    if is_export(model_spec):
+        base_spec = base_spec or read_meta(model_spec).get("base_model", {}).get("spec")
+    specs = {"model": model_spec, **({"base": base_spec} if base_spec else {})}
+    samplers = {name: load_sampler(spec, cache_dir=cfg.model.cache_dir, forward_cost=[1.0], matmul="stock")
+                for name, spec in specs.items()}
+    values = lambada_ce(samplers, tokens, cfg.model.cache_dir)
+    out = Path(cfg.eval.output or "runs/eval")
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"figure": f"AR CE (nats/token) over ≥ {tokens} LAMBADA test tokens (whole passages, file order)",
+           "models": specs, "values": values, "seconds": time.perf_counter() - t0,
+           "command": shlex.join(["fluid", "evaluate", *(sys.argv[1:] if argv is None else argv)]),
+           "commit": commit, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+           "path": str(out / "lambada_ce.json")}
+    Path(rec["path"]).write_text(json.dumps(rec, indent=1) + "\n")
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+    return rec
 
 
 def heldout_chunks(cfg, data: dict, sampler, n: int):

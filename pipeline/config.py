@@ -258,6 +258,10 @@ class EvalConfig:
     """Held-out (test split) sequences of data.seq_len tokens for the AR and draft CE by k."""
     lambada_items: int = 64
     """LAMBADA test items scored under `ar` and each policy (the full set has 5 153; hours on 2 cores)."""
+    lambada_ce_tokens: int = 0
+    """AR CE of the export and its base model over at least this many LAMBADA tokens (whole passages in
+    file order; out of the training domain); 0: skip. `fluid evaluate --lambada-ce-only` measures only
+    this (50 000 tokens when 0)."""
     policies: list[str] = field(default_factory=lambda: ["ar", "verify", "entropy", "threshold", "khead"])
     """Policies in the LAMBADA and sampler tables (`khead` only when the export has a horizon head)."""
     prompts: int = 6

@@ -5,7 +5,9 @@ In:  causal LMs (Hugging Face interface: `model(input_ids=…).logits`), held-ou
 Out: plain numbers and dicts:
 * `ar_ce`            mean next-token CE (nats) over every position of the chunks;
 * `draft_ce_by_k`    CE of x_{c+k} given x≤c, k = 1…K (pipeline/eval/horizon_ce.py), several cursors;
-* `lambada`          last-word accuracy of one policy (greedy), plus its decoding statistics.
+* `lambada`          last-word accuracy of one policy (greedy), plus its decoding statistics;
+* `lambada_ar_ce`    mean next-token CE (nats) over whole LAMBADA passages, at least N tokens
+                     (out-of-domain "no forgetting" check: the passages are not the training corpus).
 The sampler table (speed vs HF `generate`, agreement with AR, NLL under the base model) is built by
 jobs/evaluate.py from the benchmark's own helpers (jobs/bench_sampler.py).
 """
@@ -46,6 +48,47 @@ def draft_ce_by_k(model, chunks: np.ndarray, *, mask_id: int, k_max: int, cursor
     ends = sorted({int(e) for e in np.linspace(length // 2, length, cursors + 1)[1:]})
     per = [horizon_ce(model, chunks[:, :e], mask_id=mask_id, horizon=k_max) for e in ends]
     return np.mean(per, axis=0).tolist()
+
+
+def lambada_token_ids(tokenizer, items, min_tokens: int) -> list[list[int]]:
+    """Whole passages (context + " " + target) in file order, tokenized, until their scored tokens
+    (each passage's length − 1: every token after its first) reach `min_tokens`."""
+    out, scored = [], 0
+    for it in items:
+        if scored >= min_tokens:
+            break
+        ids = tokenizer(f"{it.context} {it.target}", add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) > 1:
+            out.append(ids)
+            scored += len(ids) - 1
+    return out
+
+
+@torch.no_grad()
+def lambada_ar_ce(model, tokenizer, items, *, min_tokens: int, batch_size: int = 8) -> dict:
+    """AR CE on LAMBADA passages: `model` (HF causal LM) scores every next token of whole passages
+    (one sequence each, right-padded in batches of similar lengths) until at least `min_tokens` tokens
+    are scored.
+    Returns {"ce": nats per token, "tokens": tokens scored, "passages": passages used}; raises
+    ValueError when the items hold fewer than `min_tokens` tokens."""
+    seqs = lambada_token_ids(tokenizer, items, min_tokens)
+    scored = sum(len(s) - 1 for s in seqs)
+    if scored < min_tokens:
+        raise ValueError(f"the LAMBADA items hold {scored} tokens, fewer than {min_tokens}")
+    device = next(model.parameters()).device
+    total, by_length = 0.0, sorted(seqs, key=len)  # batches of similar lengths: little padding
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
+        width = max(map(len, chunk))
+        x = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, s in enumerate(chunk):
+            x[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        x, mask = x.to(device), mask.to(device)
+        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        total += float((nll * mask[:, 1:]).sum())
+    return {"ce": total / scored, "tokens": scored, "passages": len(seqs)}
 
 
 def first_word(text: str) -> str:

@@ -1,0 +1,172 @@
+"""Every benchmark's exit status: 0 when the goals it states are met, 1 when one is not.
+
+Tiny settings only (seconds each): the sampler on its tiny random model, the data benchmark on a tiny
+corpus and word-level tokenizer, the serve load test against an in-process fake endpoint (a parallel
+one meets the 16-vs-1 goal, a serial or failing one does not), the GPU-cost script on CPU with --tiny.
+A goal is made unreachable (or trivially met) through the floor each benchmark states as an option.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
+
+SAMPLER = ["--max-tokens", "6", "--repeats", "1", "--policies", "verify,entropy", "--forward-cost", "1"]
+
+
+@pytest.mark.parametrize("floor, rc", [("0", 0), ("1000", 1)])
+def test_bench_sampler_exit_status_follows_its_goal(floor, rc, tmp_path, capsys):
+    from jobs.bench_sampler import main
+
+    out = tmp_path / "raw.json"
+    assert main([*SAMPLER, "--min-speedup", floor, "--json", str(out)]) == rc
+    goals = json.loads(out.read_text())["goals"]
+    assert [g["met"] for g in goals] == [rc == 0, True]  # the speed floor; verify lossless in float32
+    assert ("NOT met" in capsys.readouterr().out) == (rc == 1)
+
+
+def test_fluid_bench_sampler_exits_1_and_still_writes_its_record(tmp_path):
+    from jobs.bench import main
+
+    rec = tmp_path / "sampler.json"
+    assert main(["sampler", "--record", str(rec), "--figure", "test", *SAMPLER, "--min-speedup", "1000"]) == 1
+    data = json.loads(rec.read_text())
+    assert data["figure"] == "test" and data["goals"][0]["met"] is False
+    assert data["machine"]["cpu_model"] and data["commit"]
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    """(model folder, corpus folder): a tiny word-level Llama and 4 .txt documents."""
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(tmp_path / "model", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, size=300)))
+    return tmp_path / "model", tmp_path / "corpus"
+
+
+def test_bench_data_exit_status_follows_its_goal(tiny_corpus, tmp_path, ray_local):
+    from jobs.bench import main
+
+    model, corpus = tiny_corpus
+    args = ["--repeats", "1", "--actors", "1", "--parallelism", "false", f"--model.spec={model}",
+            f"--model.cache_dir={tmp_path / 'cache'}", f"--data.corpus=[{corpus}]", "--data.seq_len=32",
+            "--data.val_fraction=0", "--data.test_fraction=0", "--data.shuffle=false"]
+    rec = tmp_path / "data.json"
+    assert main(["data", "--record", str(rec), *args, "--max-overhead", "1e9"]) == 0
+    data = json.loads(rec.read_text())
+    assert [g["met"] for g in data["goals"]] == [True, True, True]
+    assert {r["cores"] for r in data["rows"]} >= {"1 process, 1 core"}
+    assert main(["data", "--record", str(rec), *args, "--max-overhead", "-2"]) == 1  # Ray can't take < 0 s
+    assert json.loads(rec.read_text())["goals"][0]["met"] is False
+
+
+def test_data_checksum_is_order_sensitive_and_batching_blind():
+    from jobs.bench_data import checksum
+
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(0, 50, 8, dtype=np.int32), "labels": rng.integers(-100, 50, 8),
+             "seq_index": np.int64(i)} for i in range(6)]
+    batch = {c: np.stack([r[c] for r in rows]) for c in rows[0]}
+    assert checksum(rows) == checksum([batch]) == checksum(rows)
+    assert checksum(rows[::-1]) != checksum(rows)
+    swapped = [rows[1], rows[0], *rows[2:]]
+    assert checksum(swapped) != checksum(rows)
+    unindexed = [{c: v for c, v in r.items() if c != "seq_index"} for r in rows]
+    assert checksum(unindexed[::-1]) != checksum(unindexed)  # order counts even without seq_index
+
+
+class _FakeCompletions(BaseHTTPRequestHandler):
+    """/v1/models and /v1/completions; each completion takes 50 ms (one at a time when `serial`)."""
+
+    serial_lock = threading.Lock()
+    mode = "parallel"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"data": [{"id": "fake"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.mode == "failing":
+            return self._send(500, {"error": {"message": "boom"}})
+        if self.mode == "serial":
+            with self.serial_lock:
+                time.sleep(0.05)
+        else:
+            time.sleep(0.05)
+        n = body["max_tokens"]
+        self._send(200, {"usage": {"completion_tokens": n}, "fluid": {"forwards": n}})
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 64  # the default backlog (5) makes a 16-client burst wait a SYN retry (1 s)
+    daemon_threads = True
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def start(mode: str) -> str:
+        handler = type("Handler", (_FakeCompletions,), {"mode": mode})
+        srv = _Server(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("mode, rc", [("parallel", 0), ("serial", 1), ("failing", 1)])
+def test_bench_serve_compare_exit_status_follows_its_goal(mode, rc, fake_server, tmp_path):
+    from jobs.bench import main
+
+    url = fake_server(mode)
+    args = ["--url", url, "--compare", "--clients", "8", "--requests", "16", "--rounds", "1", "--max-tokens", "4",
+            "--timeout", "5", "--max-seconds", "20"]
+    assert main(["serve", "--record", str(tmp_path / "serve.json"), *args]) == rc
+
+
+def test_bench_serve_levels_and_single_run_exit_status(fake_server):
+    from jobs.load_test import main
+
+    ok, failing = fake_server("parallel"), fake_server("failing")
+    common = ["--requests", "16", "--max-tokens", "4", "--timeout", "5", "--max-seconds", "20"]
+    assert main(["--url", ok, "--levels", "1,16", *common]) == 0
+    assert main(["--url", ok, "--clients", "4", *common]) == 0
+    assert main(["--url", failing, "--clients", "4", *common]) == 1
+
+
+def test_bench_gpu_cost_exit_status_follows_lossless_verify(monkeypatch):
+    import jobs.bench_gpu_cost as b
+
+    args = ["--device", "cpu", "--tiny", "--past", "16", "--repeats", "1", "--cap", "4", "--tokens", "8",
+            "--prompts", "1", "--rounds", "1"]
+    assert b.main(args) == 0
+    real = b.live
+    monkeypatch.setattr(b, "live", lambda *a, **k: [{**r, "equal_to_ar": False} for r in real(*a, **k)])
+    assert b.main(args) == 1
