@@ -150,12 +150,12 @@ def lambada_ce_record(cfg, model_spec: str, *, base_spec: str | None, argv) -> d
 
     from jobs.bench_report import git_commit, machine
     from pipeline.decode.load import is_export, load_sampler
-    from pipeline.train.export import read_meta
+    from pipeline.export_format import read_fluid_meta
 
     commit, t0 = git_commit(), time.perf_counter()
     tokens = cfg.eval.lambada_ce_tokens or 50_000
     if is_export(model_spec):
-        base_spec = base_spec or read_meta(model_spec).get("base_model", {}).get("spec")
+        base_spec = base_spec or read_fluid_meta(model_spec).base_spec
     specs = {"model": model_spec, **({"base": base_spec} if base_spec else {})}
     samplers = {name: load_sampler(spec, cache_dir=cfg.model.cache_dir, forward_cost=[1.0], matmul="stock")
                 for name, spec in specs.items()}
