@@ -274,6 +274,27 @@ def test_training_shards_are_the_same_for_any_parallelism(ray_quiet, tiny, corpu
             assert_same(x, y)
 
 
+@pytest.mark.ray
+def test_write_shards_lays_out_the_same_from_tasks_and_from_the_driver(ray_quiet, tiny, corpus, tmp_path):
+    """A local folder is written by the pipeline's tasks, memory:// (which they cannot see) unit by unit from
+    this process: the same files, row groups and rows."""
+    import fsspec
+
+    from pipeline.data.streaming import rows_digest
+
+    mem = f"memory://fluid-test-{uuid.uuid4().hex}/units"
+    kw = dict(row_group_rows=16, tokenizer_path=tiny[0], mask_token_id=tiny[1])
+    n_local = data.write_shards(cfg(corpus), NoiseConfig(k_max=6), str(tmp_path / "units"), **kw)
+    n_mem = data.write_shards(cfg(corpus), NoiseConfig(k_max=6), mem, **kw)
+    try:
+        names = sorted(p.name for p in (tmp_path / "units").glob("*.parquet"))
+        assert n_local == n_mem > 16 and len(names) > 1 and names[0].startswith("unit-")
+        assert sorted(f.rsplit("/", 1)[-1] for f in fsspec.filesystem("memory").find(mem.split("://")[1])) == names
+        assert rows_digest(mem) == rows_digest(str(tmp_path / "units"))
+    finally:
+        fsspec.filesystem("memory").rm(mem.split("://")[1], recursive=True)
+
+
 def test_rows_digest_sees_order(tmp_path):
     from pipeline.data.streaming import rows_digest
 
