@@ -61,7 +61,6 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     import torch
 
     from pipeline.decode.load import is_export, load_sampler
-    from pipeline.eval.metrics import ar_ce, draft_ce_by_k
     from pipeline.eval.report import markdown, write_plots
     from pipeline.export_format import FLUID_META_FILE, read_fluid_meta
     from pipeline.train.outputs import METRICS
@@ -88,12 +87,7 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     data = meta.get("data_config", {}).get("data", {})
     chunks = heldout_chunks(cfg, data, sampler, e.ce_sequences)
     log(f"[fluid] evaluate: held-out CE on {len(chunks)} test sequences of {chunks.shape[1]} tokens …")
-    k_max = min(sampler.k_max, chunks.shape[1] - 2)
-    ce = {"ks": list(range(1, k_max + 1))}
-    for name, s in (("base", base), ("adapted", sampler)):
-        ce[f"{name}_ar_ce"] = ar_ce(s.model, chunks)
-        ce[f"{name}_by_k"] = draft_ce_by_k(s.model, chunks, mask_id=s.mask_token_id, k_max=k_max)
-    ce["ar_ce_change"] = ce["adapted_ar_ce"] / ce["base_ar_ce"] - 1
+    ce = heldout_ce(base, sampler, chunks)
     log(f"[fluid] evaluate: AR CE {ce['base_ar_ce']:.3f} (base) → {ce['adapted_ar_ce']:.3f} (adapted), "
         f"k=2 CE {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
 
@@ -124,6 +118,19 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def heldout_ce(base, sampler, chunks) -> dict:
+    """AR CE and draft CE by k of the base and the adapted model on the same held-out sequences."""
+    from pipeline.eval.metrics import ar_ce, draft_ce_by_k
+
+    k_max = min(sampler.k_max, chunks.shape[1] - 2)
+    ce = {"ks": list(range(1, k_max + 1))}
+    for name, s in (("base", base), ("adapted", sampler)):
+        ce[f"{name}_ar_ce"] = ar_ce(s.model, chunks)
+        ce[f"{name}_by_k"] = draft_ce_by_k(s.model, chunks, mask_id=s.mask_token_id, k_max=k_max)
+    ce["ar_ce_change"] = ce["adapted_ar_ce"] / ce["base_ar_ce"] - 1
+    return ce
 
 
 def lambada_ce(samplers: dict, tokens: int, cache_dir) -> dict:
