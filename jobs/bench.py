@@ -5,7 +5,7 @@
   fluid bench serve    Ray Serve throughput, N clients vs 1 (jobs/load_test.py)
 
 Options after the name go to that benchmark (`fluid bench sampler --help`); `--record FILE.json`
-(default runs/bench/<name>.json) receives the result in the schema of jobs/bench_report.py (with
+(default runs/bench/<name>.json) receives the result in the schema of pipeline/records.py (with
 `--figure NAME`, the name of the figure it backs: commit such records under benchmarks/records/), and the
 same result is printed as a Markdown table (machine, date, command, rows, goals) for BENCHMARKS.md.
 Benchmarks print tables and exit 1 when a goal they state is not met (data: Ray Data ≤ 10 % over the
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(importlib.import_module(BENCHES[name]).main(["--help"]) or 0)
     command = shlex.join(["fluid", "bench", name, *rest])
-    from jobs.bench_report import git_commit
+    from pipeline.records import git_commit
 
     load0, meta = os.getloadavg()[0], {"figure": figure, "commit": git_commit()}  # the commit it started on
     return globals()[f"_{name}"](rest, record_path, command, load0, meta)
@@ -69,7 +69,7 @@ def _data(rest, record_path, command, load0, meta) -> int:
         if not Path(f"{d}/out.json").is_file():
             return int(rc or 2)
         raw = json.loads(Path(f"{d}/out.json").read_text())
-    from jobs.bench_report import emit, record
+    from pipeline.records import emit, record
 
     cols = ["pipeline", "TOKENIZERS_PARALLELISM", "cores", "wall s", "tokens/s", "1st batch s", "vs best loop %"]
     emit(record("data", cols, raw["rows"], settings=raw["settings"], goals=raw["goals"], load_before=load0,
@@ -85,7 +85,7 @@ def _sampler(rest, record_path, command, load0, meta) -> int:
         if not Path(f"{d}/out.json").is_file():  # an error before any measurement
             return int(rc or 2)
         raw = json.loads(Path(f"{d}/out.json").read_text())
-    from jobs.bench_report import emit, record
+    from pipeline.records import emit, record
 
     names = {"policy": "policy", "tokens_per_forward": "tokens/forward", "tokens_per_s": "tokens/s",
              "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar",
@@ -104,7 +104,7 @@ def _serve(rest, record_path, command, load0, meta) -> int:
     with tempfile.TemporaryDirectory() as d:
         rc = b.main([*rest, "--out", f"{d}/out.jsonl"])
         lines = Path(f"{d}/out.jsonl").read_text().splitlines() if Path(f"{d}/out.jsonl").is_file() else []
-    from jobs.bench_report import emit, record
+    from pipeline.records import emit, record
 
     rows = [json.loads(x) for x in lines if x.strip()]
     known = list(dict.fromkeys(["round", *getattr(b, "COLUMNS", [])]))

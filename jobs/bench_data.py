@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-overhead", type=float, default=0.10,
                         help="the goal: the best Ray variant's wall time at most this fraction over the best "
                              "single-process loop (exit status 1 when not met)")
-    parser.add_argument("--json", help="write rows and goals as JSON here (fluid bench data: jobs/bench_report.py)")
+    parser.add_argument("--json", help="write rows and goals as JSON here (fluid bench data: pipeline/records.py)")
     args, cfg = parse_job_args(parser, argv)
 
     from pipeline.data import ray_pipeline as data

@@ -19,7 +19,6 @@ Goals (exit status 1 when one is not met, 2 on an error): `entropy` and `verify`
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -34,7 +33,9 @@ from pipeline.decode.matmul import MATMUL_LAYOUTS, apply_matmul, set_matmul
 from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
 from pipeline.decode.sampler import GenerationRequest, Sampler
 from pipeline.errors import FluidError
+from pipeline.eval.ar_compare import agreement, base_greedy, continuation_nll, corpus_prompts, hf_generate
 from pipeline.export_format import FLUID_META_FILE, is_export, read_fluid_meta
+from pipeline.model.tiny import build_tiny
 
 DEFAULT_PROMPTS = [
     "The history of the city begins",
@@ -42,29 +43,6 @@ DEFAULT_PROMPTS = [
     "To make a good cup of tea, you",
     "The main reasons for the war were",
 ]
-TINY_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
-             "of foolishness. The quick brown fox jumps over the lazy dog. Once upon a time there was a city. ")
-
-
-def build_tiny(hidden: int = 64, layers: int = 2, seed: int = 0):
-    """A random LlamaForCausalLM with a byte-level BPE tokenizer trained in-process; returns
-    (model, tokenizer, mask_token_id). The mask token is untrained, so drafts are noise."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["[PAD]", "[EOS]", "[M]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([TINY_TEXT * 10], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", eos_token="[EOS]")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, initializer_range=0.1, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
-    return LlamaForCausalLM(cfg).eval(), tok, tok.convert_tokens_to_ids("[M]")
 
 
 def load_sampler(args) -> Sampler:
@@ -85,47 +63,6 @@ def load_sampler(args) -> Sampler:
                 forward_cost=cost, dtype=getattr(torch, args.dtype), matmul=args.matmul)
 
 
-def hf_generate(sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool) -> list[list[int]]:
-    from transformers import GenerationConfig
-
-    eos = sorted(sampler.eos_ids) if stop_on_eos and sampler.eos_ids else None
-    pad = sampler.tokenizer.pad_token_id
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos,
-                           pad_token_id=pad if pad is not None else (eos or [0])[0],
-                           suppress_tokens=sampler.banned_ids.tolist())
-    out = []
-    model = sampler.model
-    saved = model.generation_config  # generate() fills unset fields (eos!) from the model's defaults
-    model.generation_config = copy.deepcopy(saved)
-    model.generation_config.eos_token_id = eos
-    try:
-        with torch.inference_mode():
-            for ids in prompt_ids:
-                x = torch.tensor([ids], device=sampler.device)
-                y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
-                toks = y[0, len(ids):].tolist()
-                out.append(toks[: next((i for i, t in enumerate(toks) if eos and t in eos), len(toks))])
-    finally:
-        model.generation_config = saved
-    return out
-
-
-def corpus_prompts(n: int, split: str = "test", chars: int = 240) -> list[str]:
-    """N prompts from held-out documents of the default corpus: `chars` characters ending at a line
-    break, at evenly spaced positions (deterministic, so reruns and re-measurements use the same)."""
-    from pipeline.sources.corpus import iter_documents, list_sources
-
-    docs = [d.text for d in iter_documents(list_sources(["default"]), split=split)]
-    text = "\n".join(docs)
-    prompts = []
-    for i in range(n):
-        start = int(len(text) * (i + 0.5) / n)
-        start = text.find("\n", start) + 1
-        end = text.rfind("\n", start, start + chars)
-        prompts.append(text[start:end if end > start else start + chars].strip())
-    return prompts
-
-
 def load_base_model(args, sampler: Sampler):
     """The base AR model that scores the continuations (NLL): --base-model, the export's base model
     (fluid.json), or else the sampled model itself."""
@@ -138,37 +75,6 @@ def load_base_model(args, sampler: Sampler):
     from pipeline.sources.model_source import resolve_model
 
     return load_causal_lm(resolve_model(spec).path, dtype=sampler.model.dtype).eval().to(sampler.device)
-
-
-def base_greedy(base, sampler: Sampler, prompt_ids: list[list[int]], max_tokens: int, stop_on_eos: bool):
-    """The base model's own greedy continuations (column `=base`: prefix agreement with them)."""
-    from types import SimpleNamespace
-
-    view = SimpleNamespace(model=base, tokenizer=sampler.tokenizer, eos_ids=sampler.eos_ids, device=sampler.device,
-                           banned_ids=torch.tensor([], dtype=torch.long))
-    return hf_generate(view, prompt_ids, max_tokens, stop_on_eos)
-
-
-@torch.inference_mode()
-def continuation_nll(model, prompt_ids: list[list[int]], continuations: list[list[int]]) -> float:
-    """Mean NLL (nats/token) of the continuations given their prompts under `model`."""
-    total, count = 0.0, 0
-    for ids, cont in zip(prompt_ids, continuations, strict=True):
-        if not cont:
-            continue
-        x = torch.tensor([ids + cont], device=next(model.parameters()).device)
-        logits = model(input_ids=x).logits[0, len(ids) - 1:-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, x[0, len(ids):], reduction="sum"))
-        count += len(cont)
-    return total / max(1, count)
-
-
-def agreement(ref: list[int], got: list[int]) -> tuple[float, float]:
-    if not ref:
-        return 1.0, 1.0
-    prefix = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
-    match = sum(a == b for a, b in zip(ref, got, strict=False))
-    return prefix / len(ref), match / len(ref)
 
 
 def main(argv: list[str] | None = None) -> int:

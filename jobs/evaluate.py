@@ -155,9 +155,9 @@ def lambada_ce_record(cfg, model_spec: str, *, base_spec: str | None, argv) -> d
     record — figure, values, command, commit, machine, date — written to <eval.output>/lambada_ce.json."""
     import shlex
 
-    from jobs.bench_report import git_commit, machine
     from pipeline.decode.load import is_export, load_sampler
     from pipeline.export_format import read_fluid_meta
+    from pipeline.records import git_commit, machine
 
     commit, t0 = git_commit(), time.perf_counter()
     tokens = cfg.eval.lambada_ce_tokens or 50_000
@@ -246,8 +246,8 @@ def _lambada_task(export: str, items, policies: list[str], threads: int) -> list
 def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: list[str], max_tokens: int,
                   repeats: int, gammas: list[float]) -> tuple[dict, list[dict]]:
     """Policies (and `threshold` at each gamma) vs HF greedy generate, interleaved in `repeats` rounds."""
-    from jobs.bench_sampler import agreement, continuation_nll, hf_generate
     from pipeline.decode.sampler import GenerationRequest
+    from pipeline.eval.ar_compare import agreement, continuation_nll, hf_generate
 
     methods = [("hf", None)] + [(p, None) for p in policies] + [("threshold", float(g)) for g in gammas]
 

@@ -128,7 +128,7 @@ def format_table(rows: list[dict]) -> str:
 
 def export_tiny(out_dir: Path) -> Path:
     """A tiny random Llama export (byte-level BPE, untrained mask: drafts are noise) for smoke loads."""
-    from jobs.bench_sampler import build_tiny
+    from pipeline.model.tiny import build_tiny
     from pipeline.train.export import export_hf
 
     model, tok, mask_id = build_tiny()

@@ -1,11 +1,11 @@
-"""One JSON schema and one table style for the benchmarks (jobs/bench_report.py, jobs/bench.py)."""
+"""One JSON schema and one table style for the benchmarks (pipeline/records.py, jobs/bench.py)."""
 
 import json
 
 import pytest
 
-from jobs.bench_report import SCHEMA, emit, markdown, record
 from pipeline.errors import FluidError
+from pipeline.records import SCHEMA, emit, markdown, record
 
 
 def test_record_and_table(tmp_path, capsys):
