@@ -250,7 +250,7 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
-    """`fluid evaluate` (jobs/evaluate.py): held-out CE, LAMBADA and the sampler table of an export."""
+    """`fluid evaluate` (jobs/evaluate.py, the run in pipeline/eval/evaluate.py): held-out CE, LAMBADA and the sampler table of an export."""
 
     output: str = ""
     """Report folder; default <export>/../eval (next to the export)."""
