@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make demo   — create/reuse .venv, install, run the main job (jobs/demo.py: data → adapt → horizon
-#                 head → evaluate → serve → summary) on the embedded defaults; DEMO_ARGS=… passes overrides
+#   make demo   — create/reuse .venv, install, run the main job (jobs/demo.py, its stages in pipeline/demo/:
+#                 data → adapt → horizon head → evaluate → serve → summary) on the embedded defaults; DEMO_ARGS=… passes overrides
 #   make test   — create/reuse .venv, install, run the test suite
 # Set-up is idempotent: it re-installs only when pyproject.toml changed (stamp file in the venv).
 VENV ?= .venv

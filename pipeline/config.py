@@ -250,7 +250,7 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
-    """`fluid evaluate` (jobs/evaluate.py): held-out CE, LAMBADA and the sampler table of an export."""
+    """`fluid evaluate` (jobs/evaluate.py, the run in pipeline/eval/evaluate.py): held-out CE, LAMBADA and the sampler table of an export."""
 
     output: str = ""
     """Report folder; default <export>/../eval (next to the export)."""
@@ -301,7 +301,7 @@ class AblateConfig:
 
 @dataclass
 class DemoConfig:
-    """`make demo` / `fluid demo` (jobs/demo.py): the whole pipeline on one machine, end to end."""
+    """`make demo` / `fluid demo` (jobs/demo.py, the stages in pipeline/demo/): the whole pipeline on one machine, end to end."""
 
     budget_s: float = 900.0
     """Wall-time budget of the whole demo; training stages get the share left after the fixed stages."""

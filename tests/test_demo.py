@@ -1,4 +1,4 @@
-"""The main job (`make demo` = jobs/demo.py) end to end on a tiny model and a tiny budget."""
+"""The main job (`make demo` = jobs/demo.py, pipeline/demo/) end to end on a tiny model and a tiny budget."""
 
 import json
 
@@ -9,7 +9,8 @@ pytestmark = pytest.mark.ray
 
 
 def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
-    import jobs.demo as demo
+    import jobs.demo as job
+    import pipeline.demo.runner as demo
     from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
@@ -28,7 +29,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
             "--eval.tasks=1", "--eval.prompts=1", "--eval.max_tokens=4", "--eval.ce_sequences=2", "--eval.gammas=[]",
             "--sampler.max_tokens=4", "--demo.budget_s=30", f"--demo.output={out}", "--serve.port=18441",
             "--distill.count=8"]
-    assert demo.main(argv) == 0
+    assert job.main(argv) == 0
     text = capsys.readouterr().out
     for n, stage in enumerate(demo.STAGES, 1):
         assert f"[fluid] demo {n}/6 {stage} …" in text
@@ -51,7 +52,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
 def test_finished_stages_are_reused_until_their_settings_change(tmp_path, capsys):
     """The stage cache of `make demo` without running the stages: a re-run reuses each finished stage;
     a changed setting re-runs its stage and every later one; the budget alone changes nothing."""
-    import jobs.demo as demo
+    import pipeline.demo.runner as demo
     from pipeline.config import load_config
 
     calls: list[str] = []

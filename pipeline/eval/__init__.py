@@ -1,1 +1,3 @@
-"""Evaluation and ablation metrics (no Ray import): held-out CE by k, LAMBADA, the sampler table."""
+"""Evaluation and ablation: held-out CE by k, LAMBADA, the sampler table, reports, the `fluid evaluate` run.
+
+No Ray import but in evaluate.py, which spreads LAMBADA items over Ray tasks."""

@@ -1,6 +1,6 @@
 """The evaluation report: a JSON-able dict → Markdown tables and PNG plots (matplotlib, Agg backend).
 
-In:  the report dict that jobs/evaluate.py builds (keys `ce`, `lambada`, `sampler`, `gamma_sweep`,
+In:  the report dict that pipeline/eval/evaluate.py builds (keys `ce`, `lambada`, `sampler`, `gamma_sweep`,
      `settings`) and the rows of a run's `metrics.jsonl`.
 Out: `markdown(report)` → str; `write_plots(report, metrics_rows, folder)` → the PNG paths written:
      ce_by_k.png (draft CE by k, base vs adapted), training.png (training curves),

@@ -94,8 +94,8 @@ def _tiny_export(tmp_path):
 
 def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch):
     import pipeline.sources.eval_data as eval_data
-    from jobs.evaluate import evaluate
     from pipeline.config import load_config
+    from pipeline.eval.evaluate import evaluate
 
     export, cache = _tiny_export(tmp_path)
     items = [LambadaItem("the quick brown fox jumps over the lazy", "dog"), LambadaItem("to be or not", "to")]

@@ -1,0 +1,269 @@
+"""The `fluid evaluate` run (jobs/evaluate.py is its entrypoint): what adaptation bought and what it cost.
+
+* `evaluate`           the whole report of an export and its base model: held-out AR CE and draft CE by k
+                       (`heldout_chunks`, `heldout_ce`), LAMBADA accuracy per policy (`lambada_table`), the
+                       sampler table and `threshold` sweep (`sampler_table`), the LAMBADA AR CE
+                       (`lambada_ce`) → report.json, report.md and PNG plots (pipeline/eval/report.py);
+* `lambada_ce_record`  `--lambada-ce-only`: the LAMBADA AR CE of any model as a record (lambada_ce.json).
+
+Not in the core's "never imports Ray" contract (pyproject.toml): `lambada_table` spreads the LAMBADA
+items over Ray tasks (`_lambada_task`) when `eval.tasks` > 1; every other function is Ray-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import FluidError
+
+
+def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: str | None = None,
+             log=lambda m: print(m, flush=True)) -> dict:
+    """The evaluation report of `export` against its base model (`base_spec` or fluid.json's), written as
+    report.json, report.md and plots to `eval.output` (default: `eval` next to the export); progress to `log`."""
+    import torch
+
+    from pipeline.decode.load import load_sampler
+    from pipeline.eval.report import markdown, write_plots
+    from pipeline.train.outputs import METRICS
+
+    e = cfg.eval
+    meta, base_spec = _export_meta(e, export, base_spec)
+    out = Path(e.output or Path(export).resolve().parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    sampler = load_sampler(export)
+    base = load_sampler(base_spec, cache_dir=cfg.model.cache_dir, k_max=sampler.k_max)
+    policies = [p for p in e.policies if p != "khead" or sampler.horizon_head is not None]
+    if "ar" not in policies:
+        policies.insert(0, "ar")
+    data = meta.get("data_config", {}).get("data", {})
+    chunks = heldout_chunks(cfg, data, sampler, e.ce_sequences)
+    log(f"[fluid] evaluate: held-out CE on {len(chunks)} test sequences of {chunks.shape[1]} tokens …")
+    ce = heldout_ce(base, sampler, chunks)
+    log(f"[fluid] evaluate: AR CE {ce['base_ar_ce']:.3f} (base) → {ce['adapted_ar_ce']:.3f} (adapted), "
+        f"k=2 CE {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
+
+    if e.lambada_ce_tokens > 0:
+        log(f"[fluid] evaluate: AR CE on {e.lambada_ce_tokens} LAMBADA tokens …")
+        ce["lambada_ar_ce"] = lambada_ce({"base": base, "adapted": sampler}, e.lambada_ce_tokens, cfg.model.cache_dir)
+    lam = []
+    if e.lambada_items > 0:
+        log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(policies)} policies, {e.tasks} task(s) …")
+        lam = lambada_table(export, policies, e.lambada_items, e.tasks, cfg.model.cache_dir, sampler=sampler)
+    log(f"[fluid] evaluate: sampler table, {e.prompts} prompts × {e.max_tokens} tokens, {e.repeats} round(s) …")
+    prompt_ids = [c[: max(8, chunks.shape[1] // 2)].tolist() for c in chunks[: e.prompts]]
+    table, sweep = sampler_table(sampler, base.model, prompt_ids, policies, e.max_tokens, e.repeats, e.gammas)
+    del base
+    report = {
+        "settings": {"model": str(export), "base_model": base_spec, "ce_sequences": int(len(chunks)),
+                     "seq_len": int(chunks.shape[1]), "lambada_items": e.lambada_items, "prompts": len(prompt_ids),
+                     "max_tokens": e.max_tokens, "repeats": e.repeats, "policies": policies,
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+                     "date": time.strftime("%Y-%m-%d %H:%M")},
+        "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep,
+    }
+    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.is_file() else []
+    report["plots"] = write_plots(report, rows, out)
+    report["seconds"] = time.perf_counter() - t_start
+    report["paths"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "folder": str(out)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:
+    """The export's fluid.json as a dict and the base model spec (`base_spec` or fluid.json's); expected
+    errors for a folder that is no export, an unknown policy in `eval.policies` and no base model."""
+    from pipeline.decode.load import is_export
+    from pipeline.export_format import FLUID_META_FILE, read_fluid_meta
+
+    if not is_export(export):
+        raise FluidError(f"{export} is not a FLUID export (no {FLUID_META_FILE}); run fluid adapt first")
+    unknown = [p for p in e.policies if p not in ("ar", "fixed", "threshold", "entropy", "khead", "verify")]
+    if unknown:
+        raise FluidError(f"eval.policies: unknown policies {unknown}")
+    meta = read_fluid_meta(export).to_dict()
+    base_spec = base_spec or meta.get("base_model", {}).get("spec")
+    if not base_spec:
+        raise FluidError(f"{export}/{FLUID_META_FILE} names no base model: pass --base SPEC")
+    return meta, base_spec
+
+def heldout_ce(base, sampler, chunks) -> dict:
+    """AR CE and draft CE by k of the base and the adapted model on the same held-out sequences."""
+    from pipeline.eval.metrics import ar_ce, draft_ce_by_k
+
+    k_max = min(sampler.k_max, chunks.shape[1] - 2)
+    ce = {"ks": list(range(1, k_max + 1))}
+    for name, s in (("base", base), ("adapted", sampler)):
+        ce[f"{name}_ar_ce"] = ar_ce(s.model, chunks)
+        ce[f"{name}_by_k"] = draft_ce_by_k(s.model, chunks, mask_id=s.mask_token_id, k_max=k_max)
+    ce["ar_ce_change"] = ce["adapted_ar_ce"] / ce["base_ar_ce"] - 1
+    return ce
+
+
+def lambada_ce(samplers: dict, tokens: int, cache_dir) -> dict:
+    """{name: AR CE} of each sampler's model over the same ≥ `tokens` LAMBADA tokens, plus "tokens" and
+    "passages" (pipeline/eval/metrics.py: lambada_ar_ce)."""
+    from pipeline.eval.metrics import lambada_ar_ce
+    from pipeline.sources.eval_data import lambada_items
+
+    items = lambada_items(None, cache_dir)
+    out = {}
+    for name, s in samplers.items():
+        try:
+            r = lambada_ar_ce(s.model, s.tokenizer, items, min_tokens=tokens)
+        except ValueError as e:
+            raise FluidError(f"eval.lambada_ce_tokens: {e}") from None
+        out.update({name: r["ce"], "tokens": r["tokens"], "passages": r["passages"]})
+    return out
+
+
+def lambada_ce_record(cfg, model_spec: str, *, base_spec: str | None, argv) -> dict:
+    """`--lambada-ce-only`: the LAMBADA AR CE of `model_spec` (and of an export's base model) as a
+    record — figure, values, command, commit, machine, date — written to <eval.output>/lambada_ce.json."""
+    import shlex
+
+    from pipeline.decode.load import is_export, load_sampler
+    from pipeline.export_format import read_fluid_meta
+    from pipeline.records import git_commit, machine
+
+    commit, t0 = git_commit(), time.perf_counter()
+    tokens = cfg.eval.lambada_ce_tokens or 50_000
+    if is_export(model_spec):
+        base_spec = base_spec or read_fluid_meta(model_spec).base_spec
+    specs = {"model": model_spec, **({"base": base_spec} if base_spec else {})}
+    samplers = {name: load_sampler(spec, cache_dir=cfg.model.cache_dir, forward_cost=[1.0], matmul="stock")
+                for name, spec in specs.items()}
+    values = lambada_ce(samplers, tokens, cfg.model.cache_dir)
+    out = Path(cfg.eval.output or "runs/eval")
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"figure": f"AR CE (nats/token) over ≥ {tokens} LAMBADA test tokens (whole passages, file order)",
+           "models": specs, "values": values, "seconds": time.perf_counter() - t0,
+           "command": shlex.join(["fluid", "evaluate", *(sys.argv[1:] if argv is None else argv)]),
+           "commit": commit, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+           "path": str(out / "lambada_ce.json")}
+    Path(rec["path"]).write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def heldout_chunks(cfg, data: dict, sampler, n: int):
+    """`n` test-split sequences of the export's corpus (its data settings), as token ids [n, seq_len]."""
+    import numpy as np
+
+    from pipeline.eval.horizon_ce import eval_chunks
+    from pipeline.sources.corpus import iter_documents, list_sources
+
+    corpus = data.get("corpus") or cfg.data.corpus
+    split = {k: data.get(k, getattr(cfg.data, k)) for k in ("val_fraction", "test_fraction", "split_seed")}
+    seq_len = int(data.get("seq_len", cfg.data.seq_len))
+    sources = list_sources(corpus, cache_dir=cfg.model.cache_dir, **split)
+    docs = [d.text for d in iter_documents(sources, split="test", **split)]
+    if not docs:
+        raise FluidError(f"the corpus {corpus} has no test documents to evaluate on")
+    eos = next(iter(sampler.eos_ids), None)
+    ids = []
+    for text in docs:
+        ids += sampler.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids += [eos] if eos is not None else []
+    return eval_chunks(np.asarray(ids, dtype=np.int64), n, seq_len)
+
+
+def lambada_table(export: str, policies: list[str], n_items: int, tasks: int, cache_dir, *, sampler=None) -> list[dict]:
+    """Accuracy per policy on the first `n_items` LAMBADA items; Ray tasks when `tasks` > 1."""
+    from pipeline.eval.metrics import lambada
+    from pipeline.sources.eval_data import lambada_items
+
+    items = lambada_items(n_items, cache_dir)
+    if tasks <= 1 or len(items) < 2:
+        parts = [[lambada(sampler, items, policy=p) for p in policies]]
+    else:
+        import ray
+
+        from pipeline.data.ray_pipeline import init_ray
+
+        init_ray(include_dashboard=False)
+        threads = max(1, (os.cpu_count() or 1) // tasks)
+        shards = [items[i::tasks] for i in range(tasks)]
+        task = ray.remote(num_cpus=1)(_lambada_task)
+        parts = ray.get([task.remote(export, s, policies, threads) for s in shards if s])
+    rows = []
+    for i, p in enumerate(policies):
+        got = [part[i] for part in parts]
+        correct, forwards, tokens = (sum(g[k] for g in got) for k in ("correct", "forwards", "tokens"))
+        hist = {}
+        for g in got:
+            for k, v in g["accepted_hist"].items():
+                hist[int(k)] = hist.get(int(k), 0) + v
+        rows.append({"policy": p, "items": len(items), "correct": correct, "accuracy": correct / len(items),
+                     "tokens_per_forward": tokens / max(1, forwards), "accepted_hist": hist})
+    return rows
+
+
+def _lambada_task(export: str, items, policies: list[str], threads: int) -> list[dict]:
+    import torch
+
+    from pipeline.decode.load import load_sampler
+    from pipeline.eval.metrics import lambada
+
+    torch.set_num_threads(threads)
+    s = load_sampler(export)
+    return [lambada(s, items, policy=p) for p in policies]
+
+
+def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: list[str], max_tokens: int,
+                  repeats: int, gammas: list[float]) -> tuple[dict, list[dict]]:
+    """Policies (and `threshold` at each gamma) vs HF greedy generate, interleaved in `repeats` rounds."""
+    from pipeline.decode.sampler import GenerationRequest
+    from pipeline.eval.ar_compare import agreement, continuation_nll, hf_generate
+
+    methods = [("hf", None)] + [(p, None) for p in policies] + [("threshold", float(g)) for g in gammas]
+
+    def run(method):
+        pol, gamma = method
+        t0 = time.perf_counter()
+        if pol == "hf":
+            toks, res = hf_generate(sampler, prompt_ids, max_tokens, False), None
+        else:
+            res = [sampler.generate([GenerationRequest(prompt_ids=ids, policy=pol, gamma=gamma, max_tokens=max_tokens,
+                                                       stop_on_eos=False)])[0] for ids in prompt_ids]
+            toks = [r.token_ids for r in res]
+        return sum(map(len, toks)) / (time.perf_counter() - t0), toks, res
+
+    run(("ar", None))  # warm-up
+    tps, last = {m: [] for m in methods}, {}
+    for rnd in range(max(1, repeats)):
+        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+        for m in order:
+            rate, toks, res = run(m)
+            tps[m].append(rate)
+            last[m] = (toks, res)
+    ref = last[("ar", None)][0]
+    rows = []
+    for m in methods[1:]:
+        toks, res = last[m]
+        agree = [agreement(r, g) for r, g in zip(ref, toks, strict=True)]
+        forwards, ntok = sum(r.stats.forwards for r in res), sum(r.stats.tokens for r in res)
+        hist = {}
+        for r in res:
+            for k, v in r.stats.accepted_hist.items():
+                hist[int(k)] = hist.get(int(k), 0) + v
+        rows.append({"policy": m[0], "gamma": m[1], "tokens_per_forward": ntok / max(1, forwards),
+                     "tokens_per_s": statistics.median(tps[m]),
+                     "speedup_vs_hf": statistics.median(a / b for a, b in zip(tps[m], tps[("hf", None)], strict=True)),
+                     "prefix_agreement": statistics.mean(a for a, _ in agree),
+                     "match_rate": statistics.mean(b for _, b in agree),
+                     "base_nll": continuation_nll(base_model, prompt_ids, toks), "accepted_hist": hist})
+    hf_same = sum(a == b for a, b in zip(ref, last[("hf", None)][0], strict=True))
+    table = {"hf_tokens_per_s": statistics.median(tps[("hf", None)]), "ar_equals_hf": hf_same,
+             "matmul": sampler.matmul,
+             "prompts": len(prompt_ids), "rows": [r for r in rows if r["gamma"] is None]}
+    return table, [r for r in rows if r["gamma"] is not None]
