@@ -107,6 +107,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
+    lora_layers: list[int] = field(default_factory=list)
+    """Frozen-base drafter only: the decoder layers (indices; negative count from the end, e.g.
+    [-8,-7,-6,-5,-4,-3,-2,-1] = the last 8) whose `lora_targets` get the LoRA; empty = all layers. Each
+    adapted module adds two small products to a draft step: fewer make it cheaper, at some draft quality."""
     drafter: Literal["full", "adapter"] = "full"
     """adapter: frozen base; only a separate [M] vector and a LoRA gated on draft-stream tokens are trained
     (lora_rank, default 16 here; lora_alpha; lora_targets): AR outputs stay the base model's exactly."""

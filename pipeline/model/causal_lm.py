@@ -185,7 +185,8 @@ def build_model(cfg, model_path: str, mask_token_id: int, device: torch.device):
     if t.drafter == "adapter":
         from pipeline.model.drafter import attach_drafter
 
-        attach_drafter(model, mask_token_id, rank=t.lora_rank or 16, alpha=t.lora_alpha, targets=t.lora_targets)
+        attach_drafter(model, mask_token_id, rank=t.lora_rank or 16, alpha=t.lora_alpha, targets=t.lora_targets,
+                       layers=t.lora_layers)
         return model.to(device)
     add_mask_token(model, mask_token_id)  # training forwards pass use_cache=False themselves
     if t.lora_rank > 0:

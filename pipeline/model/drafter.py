@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 from torch import nn
@@ -37,19 +38,31 @@ KIND = "gated_lora"
 
 class _Gate:
     """Shared by the embedding (which sets it at each forward) and every GatedLoRA (which reads it).
-    What every adapter needs is derived once per forward here, not in each of the ~200 modules:
-    `active` (any draft-stream token at all) and `weight` ([..., 1], 1.0 on draft-stream tokens)."""
+    What every adapter needs is derived once per forward here, not in each of the ~120 modules:
+    `active` (any draft-stream token at all), `weight` ([..., 1], 1.0 on draft-stream tokens; the
+    training form) and `rows`, where the draft-stream tokens are in the flattened [B·T] input (the
+    decoding form): a slice when they are one run of positions — one row's step input is clean tokens,
+    then masks — else the index tensor."""
 
     def __init__(self) -> None:
         self.explicit: torch.Tensor | None = None
         self.current: torch.Tensor | None = None
         self.active = False
         self.weight: torch.Tensor | None = None
+        self.rows: slice | torch.Tensor | None = None
 
     def set(self, gate: torch.Tensor, dtype: torch.dtype) -> None:
         self.current = gate
         self.active = bool(gate.any())
         self.weight = gate[..., None].to(dtype) if self.active else None
+        self.rows = _draft_rows(gate) if self.active and not torch.is_grad_enabled() else None
+
+
+def _draft_rows(gate: torch.Tensor) -> slice | torch.Tensor:
+    """Flat indices of the True entries of `gate` [B, T]: a slice when they are contiguous."""
+    idx = gate.reshape(-1).nonzero().squeeze(1)
+    first, last = int(idx[0]), int(idx[-1])
+    return slice(first, last + 1) if last - first + 1 == idx.numel() else idx
 
 
 class DraftEmbedding(nn.Module):
@@ -88,39 +101,82 @@ class GatedLoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = nn.functional.linear(x, self.base.weight, self.base.bias)
         gate = self._gate
         if not gate.active or gate.current.shape != x.shape[:-1]:
             return y
-        # y + s·B·A·(x ⊙ g): clean rows of x are zeroed, so their product is exactly 0 and their output
-        # is the base layer's. Three small ops per module (the decode step's overhead is ~200 modules
-        # × per-op dispatch; a torch.where form took five).
+        if gate.rows is not None:
+            return self._add_on_draft_rows(x, y, gate.rows)
+        # Training (autograd): y + s·B·A·(x ⊙ g): clean rows of x are zeroed, so their product is exactly
+        # 0 and their output is the base layer's; three ops whatever the layout of the draft tokens.
         low = nn.functional.linear(x * gate.weight.to(x.dtype), self.lora_A.weight)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]),
                           self.lora_B.weight.t().to(low.dtype), alpha=self.scale)
         return out.view(y.shape)
 
+    def _add_on_draft_rows(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+        """Decoding (no autograd): the delta is computed on the draft rows only and added into them in
+        place; clean rows are never touched, so they are the base layer's output bit for bit. A step's
+        masks are usually one run of positions, so this is a view, one narrow product and one addmm_."""
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        b_t = self.lora_B.weight.t()
+        if isinstance(rows, slice):
+            flat_y[rows].addmm_(nn.functional.linear(flat_x[rows], self.lora_A.weight), b_t, alpha=self.scale)
+        else:
+            low = nn.functional.linear(flat_x.index_select(0, rows), self.lora_A.weight)
+            flat_y.index_add_(0, rows, low @ b_t, alpha=self.scale)
+        return y
 
-def attach_drafter(model, mask_token_id: int, *, rank: int, alpha: float, targets: list[str]):
-    """Freeze `model` and add the gated drafter (module docstring) in place; returns the model."""
+
+def attach_drafter(model, mask_token_id: int, *, rank: int, alpha: float, targets: list[str],
+                   layers: list[int] | None = None):
+    """Freeze `model` and add the gated drafter (module docstring) in place; returns the model.
+    `layers`: the decoder layers (indices, negative from the end) whose `targets` get the LoRA; None
+    or empty = all. Fewer modules make a draft step cheaper (each adapted module adds two small
+    products to it) at some cost in draft quality."""
     if rank < 1:
         raise FluidError(f"the drafter's LoRA rank must be ≥ 1, got {rank}")
     if find_drafter(model) is not None:
         raise FluidError("the model already has a drafter")
+    chosen = _resolve_layers(model, layers)
     for p in model.parameters():
         p.requires_grad_(False)
     gate = _Gate()
     model.set_input_embeddings(DraftEmbedding(model.get_input_embeddings(), mask_token_id, gate))
     wrapped = 0
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
+            if child_name in targets and isinstance(child, nn.Linear) and (
+                    chosen is None or _layer_of(f"{name}.{child_name}") in chosen):
                 setattr(module, child_name, GatedLoRA(child, rank, alpha, gate))
                 wrapped += 1
     if wrapped == 0:
         raise FluidError(f"no nn.Linear modules named {targets} in {type(model).__name__} (train.lora_targets)")
-    model.config.fluid_drafter = {"kind": KIND, "rank": rank, "alpha": alpha, "targets": list(targets)}
+    model.config.fluid_drafter = {"kind": KIND, "rank": rank, "alpha": alpha, "targets": list(targets),
+                                  "layers": sorted(chosen) if chosen is not None else None}
     return model
+
+
+_LAYER_PATH = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def _layer_of(module_path: str) -> int | None:
+    """The decoder-layer index in a module path (model.layers.3.mlp.down_proj -> 3; HF's layer lists)."""
+    m = _LAYER_PATH.search(module_path)
+    return int(m.group(1)) if m else None
+
+
+def _resolve_layers(model, layers: list[int] | None) -> set[int] | None:
+    if not layers:
+        return None
+    n = getattr(model.config, "num_hidden_layers", None)
+    if n is None:
+        raise FluidError(f"{type(model).__name__} has no config.num_hidden_layers: train.lora_layers needs it")
+    bad = [i for i in layers if not -n <= int(i) < n]
+    if bad:
+        raise FluidError(f"train.lora_layers {bad} out of range for a model of {n} layers (0..{n - 1}, or "
+                         f"-{n}..-1 from the end)")
+    return {int(i) % n for i in layers}
 
 
 def find_drafter(model) -> DraftEmbedding | None:
@@ -162,7 +218,7 @@ def load_drafter(model, folder, spec: dict):
     if not path.is_file():
         raise FluidError(f"{folder}: {FLUID_META_FILE} names a drafter but {DRAFTER_FILE} is missing")
     attach_drafter(model, int(spec["mask_token_id"]), rank=int(spec["rank"]), alpha=float(spec["alpha"]),
-                   targets=list(spec["targets"]))
+                   targets=list(spec["targets"]), layers=spec.get("layers"))  # no "layers" (older exports): all
     weights = load_file(str(path))
     expected = set(drafter_state(model.state_dict()))
     if set(weights) != expected:

@@ -45,6 +45,9 @@ def validate(cfg: FluidConfig) -> None:
         raise FluidError(f"data.distill_mix must be in [0, 1], got {cfg.data.distill_mix}")
     if t.drafter == "adapter" and t.lora_rank < 0:
         raise FluidError(f"train.lora_rank must be ≥ 0, got {t.lora_rank}")
+    if t.lora_layers and t.drafter != "adapter":
+        raise FluidError("train.lora_layers limits the frozen-base drafter (train.drafter=adapter) to some layers; "
+                         "with train.drafter=full it has no effect (drop it)")
 
 
 

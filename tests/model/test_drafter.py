@@ -145,3 +145,57 @@ def test_clean_prefix_len_refuses_interleaved_layouts():
     assert clean_prefix_len(torch.tensor([[-1, 0, -1, 0]])) is None                # a draft before clean
     assert clean_prefix_len(torch.tensor([[-1, -1, -1]])) is None                  # no draft part
     assert clean_prefix_len(torch.tensor([[0, 0, -2]])) is None                    # no clean part
+
+
+@pytest.mark.parametrize("layout", ["suffix", "scattered"])
+def test_decoding_pays_the_adapter_on_draft_rows_only(layout):
+    """Without autograd the delta runs on the draft rows alone (a slice for one run of masks, an index
+    otherwise): clean rows are the base model's bit for bit and draft rows equal the training form."""
+    base, model = _drafter(40)
+    ids = torch.as_tensor(np.random.default_rng(2).integers(2, 40, size=(2, 12)))
+    if layout == "suffix":
+        ids = ids[:1].clone()
+        ids[0, 8:] = 40
+    else:
+        ids[0, 5:9], ids[1, 2], ids[1, 10:] = 40, 40, 40
+    is_mask = ids == 40
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+        ref = base(input_ids=ids.masked_fill(is_mask, 0)).logits
+    rows = find_drafter(model)._gate.rows
+    assert isinstance(rows, slice) == (layout == "suffix")
+    # clean positions precede every mask of their row only in the suffix layout; the scattered one has
+    # clean tokens after masks, whose logits then read draft keys: compare the positions before the first mask
+    first = is_mask.int().argmax(1)
+    for b in range(ids.shape[0]):
+        assert torch.equal(got[b, : first[b]], ref[b, : first[b]])
+    with torch.enable_grad():
+        trained_form = model(input_ids=ids).logits.detach()
+    assert find_drafter(model)._gate.rows is None
+    torch.testing.assert_close(got, trained_form, rtol=1e-5, atol=1e-5)
+    assert (got[is_mask] - base(input_ids=ids.masked_fill(is_mask, 0)).logits[is_mask]).abs().max() > 1e-3
+
+
+def test_lora_layers_puts_the_drafter_on_the_chosen_layers_and_round_trips_through_the_export(tmp_path):
+    from pipeline.errors import FluidError
+    from pipeline.model.drafter import GatedLoRA, load_drafter
+
+    model = make_tiny_llama(40, num_hidden_layers=4)
+    attach_drafter(model, 40, rank=4, alpha=8.0, targets=["q_proj", "down_proj"], layers=[0, -1])
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, GatedLoRA))
+    assert wrapped == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                       "model.layers.3.mlp.down_proj", "model.layers.3.self_attn.q_proj"]
+    assert model.config.fluid_drafter["layers"] == [0, 3]
+    from safetensors.torch import save_file
+
+    from pipeline.model.drafter import DRAFTER_FILE, drafter_state
+    save_file(drafter_state(model.state_dict()), str(tmp_path / DRAFTER_FILE))
+    spec = {**model.config.fluid_drafter, "mask_token_id": 40}
+    again = load_drafter(make_tiny_llama(40, num_hidden_layers=4), tmp_path, spec)
+    assert sorted(n for n, m in again.named_modules() if isinstance(m, GatedLoRA)) == wrapped
+    older = {k: v for k, v in spec.items() if k != "layers"}  # exports written before lora_layers: all layers
+    with pytest.raises(FluidError, match="tensors do not match"):
+        load_drafter(make_tiny_llama(40, num_hidden_layers=4), tmp_path, older)
+    with pytest.raises(FluidError, match=r"train.lora_layers \[4, -5\] out of range for a model of 4 layers"):
+        attach_drafter(make_tiny_llama(40, num_hidden_layers=4), 40, rank=4, alpha=8.0, targets=["q_proj"],
+                       layers=[1, 4, -5])

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--model.dtype=float16"], "float16 is not supported for training"),
         (["--model.dtype=float16", "--train.use_gpu=true"], "float16 is not supported for training"),
         (["--data.seq_len=1"], "data.seq_len must be ≥ 2"),
+        (["--train.lora_layers=[-1]"], r"train.lora_layers limits the frozen-base drafter \(train.drafter=adapter\)"),
     ],
 )
 def test_bad_configs_are_named(overrides, message):
