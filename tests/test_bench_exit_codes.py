@@ -72,7 +72,7 @@ def test_bench_data_exit_status_follows_its_goal(tiny_corpus, tmp_path, ray_loca
 
 
 def test_data_checksum_is_order_sensitive_and_batching_blind():
-    from jobs.bench_data import checksum
+    from pipeline.bench.data import checksum
 
     rng = np.random.default_rng(0)
     rows = [{"input_ids": rng.integers(0, 50, 8, dtype=np.int32), "labels": rng.integers(-100, 50, 8),
