@@ -16,7 +16,7 @@ are not tests.
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import shlex
 import sys
@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.errors import FluidError
 
 BENCHES = {"data": "jobs.bench_data", "sampler": "jobs.bench_sampler", "serve": "jobs.load_test"}
+OUTPUT = {"data": ("--json", "out.json"), "sampler": ("--json", "out.json"), "serve": ("--out", "out.jsonl")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     record_path = Path(_take(rest, "--record") or Path("runs/bench") / f"{name}.json")
     figure = _take(rest, "--figure")
     if any(a in ("-h", "--help") for a in rest):
-        import importlib
-
         return int(importlib.import_module(BENCHES[name]).main(["--help"]) or 0)
     command = shlex.join(["fluid", "bench", name, *rest])
     from pipeline.records import git_commit
 
     load0, meta = os.getloadavg()[0], {"figure": figure, "commit": git_commit()}  # the commit it started on
-    return globals()[f"_{name}"](rest, record_path, command, load0, meta)
+    return _run(name, rest, record_path, command, load0, meta)
 
 
 def _take(rest: list[str], option: str) -> str | None:
@@ -61,55 +60,18 @@ def _take(rest: list[str], option: str) -> str | None:
     return value
 
 
-def _data(rest, record_path, command, load0, meta) -> int:
-    import jobs.bench_data as b
-
+def _run(name, rest, record_path, command, load0, meta) -> int:
+    """Run benchmark `name` with its output in a temporary file; emit the record made of that output."""
+    flag, file = OUTPUT[name]
     with tempfile.TemporaryDirectory() as d:
-        rc = b.main([*rest, "--json", f"{d}/out.json"])
-        if not Path(f"{d}/out.json").is_file():
-            return int(rc or 2)
-        raw = json.loads(Path(f"{d}/out.json").read_text())
-    from pipeline.records import emit, record
+        rc = importlib.import_module(BENCHES[name]).main([*rest, flag, f"{d}/{file}"])
+        text = Path(f"{d}/{file}").read_text() if Path(f"{d}/{file}").is_file() else None
+    if text is None and name != "serve":  # an error before any measurement
+        return int(rc or 2)
+    from pipeline.bench.report import bench_record
+    from pipeline.records import emit
 
-    cols = ["pipeline", "TOKENIZERS_PARALLELISM", "cores", "wall s", "tokens/s", "1st batch s", "vs best loop %"]
-    emit(record("data", cols, raw["rows"], settings=raw["settings"], goals=raw["goals"], load_before=load0,
-                command=command, **meta), record_path)
-    return int(rc or 0)
-
-
-def _sampler(rest, record_path, command, load0, meta) -> int:
-    import jobs.bench_sampler as b
-
-    with tempfile.TemporaryDirectory() as d:
-        rc = b.main([*rest, "--json", f"{d}/out.json"])
-        if not Path(f"{d}/out.json").is_file():  # an error before any measurement
-            return int(rc or 2)
-        raw = json.loads(Path(f"{d}/out.json").read_text())
-    from pipeline.records import emit, record
-
-    names = {"policy": "policy", "tokens_per_forward": "tokens/forward", "tokens_per_s": "tokens/s",
-             "speedup_vs_hf": "× HF", "speedup_vs_hf_stock": "× HF (stock matmul)", "speedup_vs_ar": "× ar",
-             "prefix_agreement": "prefix agreement", "match_rate": "match rate", "base_nll": "base NLL"}
-    rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
-    emit(record("sampler", list(names.values()), rows, goals=raw["goals"], load_before=load0, command=command, **meta,
-                settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"],
-                          "hf_stock_tokens_per_s": raw["hf_stock_tokens_per_s"], "matmul": raw["matmul"]}),
-         record_path)
-    return int(rc or 0)
-
-
-def _serve(rest, record_path, command, load0, meta) -> int:
-    import jobs.load_test as b
-
-    with tempfile.TemporaryDirectory() as d:
-        rc = b.main([*rest, "--out", f"{d}/out.jsonl"])
-        lines = Path(f"{d}/out.jsonl").read_text().splitlines() if Path(f"{d}/out.jsonl").is_file() else []
-    from pipeline.records import emit, record
-
-    rows = [json.loads(x) for x in lines if x.strip()]
-    known = list(dict.fromkeys(["round", *getattr(b, "COLUMNS", [])]))
-    cols = [c for c in known if rows and c in rows[0]] or (list(rows[0]) if rows else [])
-    emit(record("serve", cols, rows, load_before=load0, command=command, **meta), record_path)
+    emit(bench_record(name, text or "", load_before=load0, command=command, **meta), record_path)
     return int(rc or 0)
 
 

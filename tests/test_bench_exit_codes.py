@@ -72,7 +72,7 @@ def test_bench_data_exit_status_follows_its_goal(tiny_corpus, tmp_path, ray_loca
 
 
 def test_data_checksum_is_order_sensitive_and_batching_blind():
-    from jobs.bench_data import checksum
+    from pipeline.bench.data import checksum
 
     rng = np.random.default_rng(0)
     rows = [{"input_ids": rng.integers(0, 50, 8, dtype=np.int32), "labels": rng.integers(-100, 50, 8),
@@ -162,11 +162,12 @@ def test_bench_serve_levels_and_single_run_exit_status(fake_server):
 
 
 def test_bench_gpu_cost_exit_status_follows_lossless_verify(monkeypatch):
-    import jobs.bench_gpu_cost as b
+    import pipeline.bench.gpu_cost as b
+    from jobs.bench_gpu_cost import main
 
     args = ["--device", "cpu", "--tiny", "--past", "16", "--repeats", "1", "--cap", "4", "--tokens", "8",
             "--prompts", "1", "--rounds", "1"]
-    assert b.main(args) == 0
+    assert main(args) == 0
     real = b.live
     monkeypatch.setattr(b, "live", lambda *a, **k: [{**r, "equal_to_ar": False} for r in real(*a, **k)])
-    assert b.main(args) == 1
+    assert main(args) == 1

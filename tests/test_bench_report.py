@@ -1,4 +1,5 @@
-"""One JSON schema and one table style for the benchmarks (pipeline/records.py, jobs/bench.py)."""
+"""One JSON schema and one table style for the benchmarks (pipeline/records.py, pipeline/bench/report.py,
+jobs/bench.py)."""
 
 import json
 
@@ -29,3 +30,19 @@ def test_bench_dispatch_names_its_benchmarks(capsys):
     assert main([]) == 2 and "fluid bench sampler" in capsys.readouterr().out
     with pytest.raises(FluidError, match="unknown benchmark 'gpu'"):
         main(["gpu"])
+
+
+def test_bench_record_names_each_benchmarks_columns():
+    from pipeline.bench.report import bench_record
+
+    raw = {"rows": [{"policy": "ar", "tokens_per_s": 10.0, "cpu_speedup_vs_ar": 1.0}], "goals": [],
+           "hf_tokens_per_s": 9.0, "ar_equals_hf": 4, "hf_stock_tokens_per_s": 8.0, "matmul": "stock"}
+    rec = bench_record("sampler", json.dumps(raw), command="fluid bench sampler", commit="abc")
+    assert rec["rows"] == [{"policy": "ar", "tokens/s": 10.0}] and rec["columns"][:3] == ["policy", "tokens/forward",
+                                                                                          "tokens/s"]
+    assert rec["settings"] == {"hf_tokens_per_s": 9.0, "ar_equals_hf": 4, "hf_stock_tokens_per_s": 8.0,
+                               "matmul": "stock"}
+    line = json.dumps({"time": 0.0, "tok/s": 2.0, "clients": 1, "round": 1})
+    serve = bench_record("serve", f"{line}\n\n", command="fluid bench serve", commit="abc")
+    assert serve["columns"] == ["round", "clients", "tok/s"] and serve["rows"][0]["time"] == 0.0
+    assert bench_record("serve", "", command="fluid bench serve", commit="abc")["columns"] == []

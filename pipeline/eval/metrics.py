@@ -9,7 +9,7 @@ Out: plain numbers and dicts:
 * `lambada_ar_ce`    mean next-token CE (nats) over whole LAMBADA passages, at least N tokens
                      (out-of-domain "no forgetting" check: the passages are not the training corpus).
 The sampler table (speed vs HF `generate`, agreement with AR, NLL under the base model) is built by
-pipeline/eval/evaluate.py from the benchmark's own helpers (pipeline/eval/ar_compare.py).
+pipeline/eval/evaluate.py from the helpers it shares with the sampler benchmark (pipeline/eval/ar_compare.py).
 """
 
 from __future__ import annotations

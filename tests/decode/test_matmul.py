@@ -104,11 +104,12 @@ def test_sampler_in_weight_left_layout_matches_hf_generate_and_stays_lossless():
 def test_bench_sampler_times_hf_generate_in_both_layouts(tmp_path, capsys):
     import json
 
-    from jobs.bench_sampler import main
+    from pipeline.bench.sampler import build_parser, run
 
     out = tmp_path / "bench.json"
-    assert main(["--max-tokens", "8", "--repeats", "1", "--policies", "verify", "--matmul", "weight_left",
-                 "--forward-cost", "1", "--min-speedup", "0", "--json", str(out)]) == 0
+    assert run(build_parser().parse_args(["--max-tokens", "8", "--repeats", "1", "--policies", "verify", "--matmul",
+                                          "weight_left", "--forward-cost", "1", "--min-speedup", "0",
+                                          "--json", str(out)])) == 0
     raw = json.loads(out.read_text())
     assert raw["matmul"] == "weight_left" and raw["ar_equals_hf"] == 4
     assert raw["hf_stock_tokens_per_s"] > 0 and raw["hf_tokens_per_s"] > 0
