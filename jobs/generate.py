@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.decode.sampler import GenerationRequest
 
     s = cfg.sampler
-    from pipeline.decode.load import inference_dtype, load_sampler
+    from pipeline.decode.dtype import inference_dtype
+    from pipeline.decode.load import load_sampler
 
-    sampler = load_sampler(args.model or cfg.model.spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max,
-                           forward_cost=s.forward_cost, dtype=inference_dtype(cfg.model.dtype, "cpu"), matmul=s.matmul)
+    spec = args.model or cfg.model.spec
+    sampler = load_sampler(spec, cache_dir=cfg.model.cache_dir, k_max=cfg.noise.k_max, forward_cost=s.forward_cost,
+                           dtype=inference_dtype(s.dtype, "cpu", spec), matmul=s.matmul)
     prompts = args.prompt
     if args.chat:
         if not getattr(sampler.tokenizer, "chat_template", None):

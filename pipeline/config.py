@@ -175,6 +175,11 @@ class SamplerConfig:
     forward_cost: list[float] = field(default_factory=list)
     """Relative forward cost by width 1, 2, 3, … that greedy `verify` plans its horizon with;
     empty = measure it on the device at load (a few seconds on CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and compute of decoding. auto = bfloat16 on GPUs, and on CPUs with bf16 matrix units (AMX,
+    AVX512-BF16) where a start-up measurement finds a 16-token step's products ≥ 1.25× faster in bf16;
+    float32 elsewhere (pipeline/decode/dtype.py). float32 `verify` is bit-identical to AR; bfloat16 is the
+    bf16 model's greedy output up to near-ties (docs/method.md). Set float32 for bit-exactness."""
     matmul: Literal["auto", "stock", "weight_left"] = "auto"
     """Operand order of the narrow matrix products of decoding (pipeline/decode/matmul.py): auto = the
     faster of the two measured at load on a CPU (stock on GPUs). Changes speed, not output."""
@@ -231,8 +236,8 @@ class ServeConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Replica weights and compute: auto = bfloat16 on GPUs, float32 on CPUs; bfloat16 on CPUs with AMX or
-    AVX512-BF16 makes a 16-token forward cost about a 1-token one, so `verify` drafts open up there too."""
+    """Replica weights and compute, as `sampler.dtype` (auto: bfloat16 on GPUs and on CPUs with bf16 matrix
+    units where a start-up measurement agrees, else float32; pipeline/decode/dtype.py)."""
     matmul: Literal["auto", "stock", "weight_left"] = "auto"
     """Operand order of the replica's narrow matrix products (as sampler.matmul); auto = measured at load."""
     autoscaling: bool = False

@@ -27,18 +27,6 @@ from pipeline.errors import FluidError
 from pipeline.export_format import HORIZON_HEAD_FILE, TOKENIZER_FILES, is_export, read_fluid_meta
 
 
-def inference_dtype(name: str, device) -> torch.dtype:
-    """The dtype a sampler runs in: `auto` = bfloat16 on CUDA, float32 elsewhere; otherwise the named
-    one. bfloat16 on a CPU pays where it has bf16 matrix units (AMX, AVX512-BF16): a forward then
-    costs about the same for 1 to 16 tokens, so verify's horizon opens as on a GPU; elsewhere bf16 is
-    emulated and slower than fp32. The output is the bf16 model's greedy output."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise FluidError(f"unknown dtype {name!r} (auto, float32, bfloat16 or float16)")
-    return getattr(torch, name)
-
-
 def load_sampler(spec: str | Path, *, device=None, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                  mask_token_id: int | None = None, k_max: int = NoiseConfig.k_max, cache_dir=None,
                  forward_cost: list[float] | None = None, matmul: str = "auto") -> Sampler:

@@ -54,12 +54,13 @@ def load_replica_sampler(cfg: ServeConfig):
     """The Sampler of `cfg.model` on the replica's device (CUDA when GPUs are requested and present)."""
     import torch
 
-    from pipeline.decode.load import inference_dtype, load_sampler
+    from pipeline.decode.dtype import inference_dtype
+    from pipeline.decode.load import load_sampler
 
     path = localize_model(cfg.model)
     cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    dtype = inference_dtype(cfg.dtype, device)
+    dtype = inference_dtype(cfg.dtype, device, path)
     if not cuda and cfg.num_cpus >= 1:
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
     return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,

@@ -205,3 +205,61 @@ def export_meta(cfg, mask_token_id: int, base_sha256: str | None, step: int) -> 
         "data_config": {"data": d["data"], "noise": d["noise"]},
         "train_config": {**d["train"], "steps_done": step},
     }
+
+
+def export_plain_model(spec: str, output: str) -> str:
+    """An export of an untrained model: its weights, an `[M]` row, fluid.json with steps_done 0."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.config import FluidConfig
+    from pipeline.model.causal_lm import add_mask_token, load_causal_lm
+    from pipeline.sources.model_source import resolve_model
+    from pipeline.train.outputs import export_to
+
+    cfg = FluidConfig()
+    cfg.model.spec = spec
+    cfg.sampler.policy = "verify"  # lossless whatever the drafts are
+    resolved = resolve_model(spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+    model = load_causal_lm(resolved.path, dtype=torch.float32, use_safetensors=True)
+    add_mask_token(model, resolved.mask_token_id)
+    meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), 0)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    return export_to(str(output), lambda out: export_hf(model, tokenizer, out, fluid_meta=meta))
+
+
+def export_checkpoint(checkpoint: str, output: str) -> str:
+    """An export of a training checkpoint (a folder or an fsspec URL): the model the run's saved configuration
+    builds (base + `[M]` row, LoRA or the frozen-base drafter), its DCP weights loaded in one process."""
+    import tempfile
+
+    from pipeline.config import from_dict
+    from pipeline.model.causal_lm import build_model
+    from pipeline.sources.model_source import resolve_model
+    from pipeline.train.checkpoint import load_model_weights, read_trainer_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(checkpoint)
+        if "://" in checkpoint:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(checkpoint)
+            fs.get(root.rstrip("/") + "/", tmp + "/", recursive=True)
+            local = Path(tmp)
+        if not local.is_dir():
+            raise FluidError(f"checkpoint folder not found: {checkpoint}")
+        state = read_trainer_state(local)
+        cfg = from_dict(state["config"])
+        resolved = resolve_model(cfg.model.spec, cfg.model.cache_dir, mask_token=cfg.model.mask_token)
+        import torch
+
+        model = build_model(cfg, str(resolved.path), resolved.mask_token_id, torch.device("cpu"))  # + LoRA/drafter
+        load_model_weights(local, model)
+        from transformers import AutoTokenizer
+
+        from pipeline.train.outputs import export_to
+
+        meta = export_meta(cfg, resolved.mask_token_id, resolved.meta.get("sha256"), int(state["step"]))
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        return export_to(str(output), lambda out: export_hf(model, tokenizer, out, fluid_meta=meta,
+                                                            base_dir=resolved.path))

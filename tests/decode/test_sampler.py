@@ -587,13 +587,3 @@ def test_khead_falls_back_to_ar_when_its_drafts_keep_failing(model, tok, mask_id
     assert res.stats.mask_tokens / res.stats.tokens < 0.5, res.stats
     [ok] = s.generate([req(PROMPTS[0], policy="khead", gamma=0.0, max_tokens=64)])  # drafts pay: K = 8 stays
     assert ok.stats.tokens_per_forward > 4
-
-
-def test_inference_dtype_auto_is_bf16_on_cuda_only():
-    from pipeline.decode.load import inference_dtype
-
-    assert inference_dtype("auto", "cpu") is torch.float32 and inference_dtype("auto", None) is torch.float32
-    assert inference_dtype("auto", "cuda") is torch.bfloat16
-    assert inference_dtype("bfloat16", "cpu") is torch.bfloat16
-    with pytest.raises(FluidError, match="unknown dtype 'int8'"):
-        inference_dtype("int8", "cpu")

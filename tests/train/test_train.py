@@ -65,7 +65,7 @@ def test_resubmitted_run_on_two_workers_matches_uninterrupted(ray_local, tmp_pat
     # on-demand export of the last (sharded DCP) checkpoint = the final export
     from safetensors.torch import load_file
 
-    from jobs.export import export_checkpoint
+    from pipeline.train.export import export_checkpoint
 
     again = load_file(f"{export_checkpoint(result['checkpoint'], str(tmp_path / 'from-ckpt'))}/model.safetensors")
     assert again.keys() == base.keys() and all(torch.equal(again[k], base[k]) for k in base)
