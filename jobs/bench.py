@@ -1,8 +1,9 @@
-"""`fluid bench data|sampler|serve [options]`: the benchmarks, one table style and one JSON schema.
+"""`fluid bench data|sampler|serve|drafter-step [options]`: the benchmarks, one table style and one JSON schema.
 
-  fluid bench data     Ray Data pipeline vs the best single-process loop (jobs/bench_data.py)
-  fluid bench sampler  decoding policies vs HF greedy generate (jobs/bench_sampler.py)
-  fluid bench serve    Ray Serve throughput, N clients vs 1 (jobs/load_test.py)
+  fluid bench data          Ray Data pipeline vs the best single-process loop (jobs/bench_data.py)
+  fluid bench sampler       decoding policies vs HF greedy generate (jobs/bench_sampler.py)
+  fluid bench serve         Ray Serve throughput, N clients vs 1 (jobs/load_test.py)
+  fluid bench drafter-step  what the drafter adds to a step of each width (jobs/bench_drafter_step.py)
 
 Options after the name go to that benchmark (`fluid bench sampler --help`); `--record FILE.json`
 (default runs/bench/<name>.json) receives the result in the schema of pipeline/records.py (with
@@ -10,7 +11,8 @@ Options after the name go to that benchmark (`fluid bench sampler --help`); `--r
 same result is printed as a Markdown table (machine, date, command, rows, goals) for BENCHMARKS.md.
 Benchmarks print tables and exit 1 when a goal they state is not met (data: Ray Data ≤ 10 % over the
 loop, ≥ 0.5 draft targets per token, the same examples in the same order; sampler: entropy and verify
-≥ 0.95× our ar loop, verify lossless in float32; serve: the load test's goals), 2 on an error; they
+≥ 0.95× our ar loop, verify lossless in float32; serve: the load test's goals; drafter-step: a masked
+step ≤ 1.10× a plain one of the same width), 2 on an error; they
 are not tests.
 """
 
@@ -25,8 +27,10 @@ from pathlib import Path
 
 from pipeline.errors import FluidError
 
-BENCHES = {"data": "jobs.bench_data", "sampler": "jobs.bench_sampler", "serve": "jobs.load_test"}
-OUTPUT = {"data": ("--json", "out.json"), "sampler": ("--json", "out.json"), "serve": ("--out", "out.jsonl")}
+BENCHES = {"data": "jobs.bench_data", "sampler": "jobs.bench_sampler", "serve": "jobs.load_test",
+           "drafter-step": "jobs.bench_drafter_step"}
+OUTPUT = {"data": ("--json", "out.json"), "sampler": ("--json", "out.json"), "serve": ("--out", "out.jsonl"),
+          "drafter-step": ("--json", "out.json")}
 
 
 def main(argv: list[str] | None = None) -> int:

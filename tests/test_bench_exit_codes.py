@@ -171,3 +171,20 @@ def test_bench_gpu_cost_exit_status_follows_lossless_verify(monkeypatch):
     real = b.live
     monkeypatch.setattr(b, "live", lambda *a, **k: [{**r, "equal_to_ar": False} for r in real(*a, **k)])
     assert main(args) == 1
+
+
+@pytest.mark.parametrize("target, rc", [("1000", 0), ("0.001", 1)])
+def test_fluid_bench_drafter_step_records_ratios_per_width_and_exits_on_its_target(tiny_model_dir, tmp_path,
+                                                                                  target, rc):
+    from jobs.bench import main
+
+    rec = tmp_path / "drafter.json"
+    assert main(["drafter-step", "--record", str(rec), "--model", str(tiny_model_dir), "--dtypes", "float32",
+                 "--rank", "2", "--layers=-1", "--repeats", "1", "--target", target]) == rc
+    data = json.loads(rec.read_text())
+    rows = data["rows"]
+    assert [(r["adapter"], r["layers"]) for r in rows] == [("draft rows", "all"), ("all rows", "all"),
+                                                           ("draft rows", "-1")]
+    assert rows[0]["modules"] == 8 and rows[2]["modules"] == 4  # 4 targets × 2 layers; the last layer only
+    assert all(r[f"w={w}"] > 0 for r in rows for w in (2, 4, 8, 16))
+    assert [g["met"] for g in data["goals"]] == [rc == 0]

@@ -1,4 +1,4 @@
-"""The records of `fluid bench data|sampler|serve`: a benchmark's raw output → one record each.
+"""The records of `fluid bench data|sampler|serve|drafter-step`: a benchmark's raw output → one record each.
 
 In:  the benchmark's name and the text it wrote (data, sampler: the JSON of `--json`; serve: the JSONL
      of `--out`, one run a line), plus the record's context (load before, command, figure, commit).
@@ -42,4 +42,6 @@ def bench_record(name: str, text: str, **context) -> dict:
     if name == "serve":
         return serve_record([json.loads(x) for x in text.splitlines() if x.strip()], **context)
     raw = json.loads(text)
+    if name == "drafter-step":
+        return record(name, list(raw["rows"][0]), raw["rows"], goals=raw["goals"], settings=raw["settings"], **context)
     return data_record(raw, **context) if name == "data" else sampler_record(raw, **context)

@@ -191,6 +191,24 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
     return times
 
 
+MASKED_STEP_WIDTHS = (2, 4, 8, 16)
+
+
+def masked_step_ratios(model, *, mask_token_id: int, token_id: int = 0, widths: Sequence[int] = MASKED_STEP_WIDTHS,
+                       past: int = 32, repeats: int = 5) -> dict[int, float]:
+    """What drafting adds to a step of the same width: per width w, the median time of a step of one
+    clean token then w − 1 masks (a frozen-base drafter's adapter runs on the masks) ÷ the median time of
+    a step of w clean tokens, measured in interleaved rounds. 1.0 = the masks cost nothing extra."""
+    clean: dict[int, list[float]] = {w: [] for w in widths}
+    masked: dict[int, list[float]] = {w: [] for w in widths}
+    for r in range(max(1, repeats)):  # alternate the two kinds of step round by round: load drifts
+        for kind in ((clean, None), (masked, mask_token_id))[:: 1 if r % 2 == 0 else -1]:
+            for w, t in time_widths(model, widths, past=past, repeats=1, token_id=token_id,
+                                    mask_token_id=kind[1]).items():
+                kind[0][w] += t
+    return {w: statistics.median(masked[w]) / statistics.median(clean[w]) for w in widths}
+
+
 def _causal_4d(model, past: int, w: int, device) -> torch.Tensor:
     """[1, 1, w, past + w] causal mask in the form the model's attention takes (bool for SDPA, else additive)."""
     m = torch.ones(w, past + w, dtype=torch.bool, device=device).tril(past)[None, None]

@@ -50,12 +50,13 @@ class _Gate:
         self.active = False
         self.weight: torch.Tensor | None = None
         self.rows: slice | torch.Tensor | None = None
+        self.row_path = True  # False: decoding too takes the training form (benchmarks compare the two)
 
     def set(self, gate: torch.Tensor, dtype: torch.dtype) -> None:
         self.current = gate
         self.active = bool(gate.any())
         self.weight = gate[..., None].to(dtype) if self.active else None
-        self.rows = _draft_rows(gate) if self.active and not torch.is_grad_enabled() else None
+        self.rows = _draft_rows(gate) if self.active and self.row_path and not torch.is_grad_enabled() else None
 
 
 def _draft_rows(gate: torch.Tensor) -> slice | torch.Tensor:

@@ -195,3 +195,16 @@ def test_tree_steps_pay_the_measured_price_of_their_explicit_mask():
     for a, b in zip(plain.rates(layout="tree")[1:], dear.rates(layout="tree")[1:], strict=True):
         assert a == pytest.approx(1.5 * b)
     assert plain.rates(layout="chain") == dear.rates(layout="chain")
+
+
+def test_masked_step_ratio_is_one_without_a_drafter_and_sees_an_adapter_that_costs(monkeypatch):
+    """masked_step_ratios compares steps of equal width with and without masks: a model whose masks cost
+    nothing reads ~1 (a fake clock makes it exact), one whose mask steps cost 1.5× reads 1.5."""
+    from pipeline.decode import cost_model as cm
+
+    def fake(model, widths, *, mask_token_id=None, **_):
+        return {w: [w * (1.5 if mask_token_id is not None and model == "slow" else 1.0)] for w in widths}
+
+    monkeypatch.setattr(cm, "time_widths", fake)
+    assert cm.masked_step_ratios("plain", mask_token_id=7) == {2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}
+    assert cm.masked_step_ratios("slow", mask_token_id=7, widths=(2, 8)) == {2: 1.5, 8: 1.5}
