@@ -188,3 +188,20 @@ def test_fluid_bench_drafter_step_records_ratios_per_width_and_exits_on_its_targ
     assert rows[0]["modules"] == 8 and rows[2]["modules"] == 4  # 4 targets × 2 layers; the last layer only
     assert all(r[f"w={w}"] > 0 for r in rows for w in (2, 4, 8, 16))
     assert [g["met"] for g in data["goals"]] == [rc == 0]
+
+
+def test_bench_sampler_below_float32_judges_verify_against_ars_own_noise_floor(tmp_path):
+    """In bf16 the lossless goal is replaced by: verify departs from AR on no more prompts than AR at batch 1
+    departs from AR inside a batch of 8 (the shares are counted over the prompts, so a multiple of 1/4)."""
+    from jobs.bench_sampler import main
+
+    out = tmp_path / "raw.json"
+    main([*SAMPLER, "--dtype", "bfloat16", "--min-speedup", "0", "--json", str(out)])
+    data = json.loads(out.read_text())
+    noise = data["noise_floor"]
+    assert data["dtype"] == "bfloat16" and noise["batch"] == 8 and noise["prompts"] == 4
+    assert noise["ar_batch_vs_single"] * 4 in (0, 1, 2, 3, 4) and noise["verify_vs_ar"] * 4 in (0, 1, 2, 3, 4)
+    names = [g["goal"] for g in data["goals"]]
+    assert not any("lossless" in g for g in names) and any("no more often than AR at batch 1" in g for g in names)
+    last = data["goals"][-1]
+    assert last["met"] == (noise["verify_vs_ar"] <= noise["ar_batch_vs_single"])
