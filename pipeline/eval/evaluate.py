@@ -259,6 +259,7 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
         rows.append({"policy": m[0], "gamma": m[1], "tokens_per_forward": ntok / max(1, forwards),
                      "tokens_per_s": statistics.median(tps[m]),
                      "speedup_vs_hf": statistics.median(a / b for a, b in zip(tps[m], tps[("hf", None)], strict=True)),
+                     "speedup_vs_ar": statistics.median(a / b for a, b in zip(tps[m], tps[("ar", None)], strict=True)),
                      "prefix_agreement": statistics.mean(a for a, _ in agree),
                      "match_rate": statistics.mean(b for _, b in agree),
                      "base_nll": continuation_nll(base_model, prompt_ids, toks), "accepted_hist": hist})

@@ -108,6 +108,7 @@ def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch)
     assert set(rows) == {"ar", "verify", "threshold"}  # no horizon head: khead is left out
     assert rows["ar"]["prefix_agreement"] == 1.0 and rows["ar"]["match_rate"] == 1.0
     assert rows["ar"]["tokens_per_forward"] == 1.0 and r["sampler"]["ar_equals_hf"] == 2
+    assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["verify"]["speedup_vs_ar"] > 0  # ar against itself, per round
     assert [p["gamma"] for p in r["gamma_sweep"]] == [0.5]
     ce = r["ce"]
     assert ce["ks"] == [1, 2, 3, 4] and ce["adapted_ar_ce"] > 0 and ce["base_ar_ce"] != ce["adapted_ar_ce"]
