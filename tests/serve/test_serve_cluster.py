@@ -85,14 +85,19 @@ def test_key_is_enforced_on_a_running_cluster_and_ctrl_c_deletes_only_its_app(cl
         assert a.wait(60) == 0
         assert call("a", "raw-key-0123456789abcdef").status_code == 404  # its app is gone …
         assert call("b", "file-key-0123456789abcdef").status_code == 200  # … the other one still serves
+        names = ("fluid_generated_tokens_total", "fluid_forwards_total", "fluid_requests_rejected_total",
+                 "fluid_accepted_length_bucket", "fluid_queue_depth", "fluid_kv_tokens_held")
+
+        def exported(text: str) -> bool:  # each metric reaches the exporter in its own report cycle
+            return all(f"ray_{n}" in text for n in names) and bool(
+                re.search(r"^ray_fluid_generated_tokens_total\{[^}]*\} [1-9]", text, re.M))
+
         metrics = ""
-        deadline = time.time() + 60
-        while time.time() < deadline and not re.search(r"^ray_fluid_generated_tokens_total\{[^}]*\} [1-9]",
-                                                         metrics, re.M):
+        deadline = time.time() + 90
+        while time.time() < deadline and not exported(metrics):
             time.sleep(1.0)
             metrics = httpx.get(cluster["metrics"], trust_env=False, timeout=10).text
-        for name in ("fluid_generated_tokens_total", "fluid_forwards_total", "fluid_requests_rejected_total",
-                     "fluid_accepted_length_bucket", "fluid_queue_depth", "fluid_kv_tokens_held"):
+        for name in names:
             assert f"ray_{name}" in metrics, name
         assert re.search(r"^ray_fluid_generated_tokens_total\{[^}]*\} [1-9]", metrics, re.M)
     finally:
