@@ -141,7 +141,7 @@ class FluidServer:
         chat = kind == "chat"
         p = (api.parse_chat if chat else api.parse_completion)(body, self.limits)
         if p.messages is not None:
-            ids = await asyncio.to_thread(api.render_chat, self.sampler.tokenizer, p.messages)
+            ids = await asyncio.to_thread(self.sampler.render, api.render_chat, p.messages)
         elif p.prompt is not None:
             ids = await asyncio.to_thread(self.sampler.encode, p.prompt)
         else:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.decode.policies import POLICIES, GenerationRequest
+from pipeline.decode.stops import stop_problem
 from pipeline.errors import FluidError
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -173,8 +174,9 @@ def _common(body: dict, limits: Limits, kind: str) -> Parsed:
     opts["seed"] = seed
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
-        raise bad("stop", "stop must be a non-empty string or a list of at most 4 non-empty strings")
+    problem = stop_problem(stop)
+    if problem:
+        raise bad("stop", problem)
     opts["stop"] = stop
     policy = body.get("policy")
     if policy is not None and policy not in POLICIES:

@@ -132,6 +132,68 @@ def test_parse_json_and_good_requests():
     assert chat.request([1], 100).max_tokens == 100
 
 
+def test_tokenizer_is_never_used_by_two_threads_at_once(sampler, monkeypatch):
+    """Handlers encode (and render chat templates) on worker threads while the engine's step thread
+    detokenizes: every tokenizer call holds the sampler's lock (a fast tokenizer shared by two threads
+    at once can fail with "Already borrowed")."""
+    import threading
+    import time
+
+    from pipeline.decode.detok import IncrementalText
+
+    state, guard, errors = {"active": 0, "most": 0}, threading.Lock(), []
+
+    def tracked(fn):
+        def call(*a, **kw):
+            with guard:
+                state["active"] += 1
+                state["most"] = max(state["most"], state["active"])
+            try:
+                time.sleep(0.0002)  # widen the window an overlap would need
+                return fn(*a, **kw)
+            finally:
+                with guard:
+                    state["active"] -= 1
+        return call
+
+    class Tracked:
+        def __init__(self, tok):
+            self.t, self._tokenizer = tok, tok._tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+        def __call__(self, *a, **kw):
+            return tracked(self.t)(*a, **kw)
+
+        def decode(self, *a, **kw):
+            return tracked(self.t.decode)(*a, **kw)
+
+        def apply_chat_template(self, *a, **kw):
+            return tracked(self.t.apply_chat_template)(*a, **kw)
+
+    monkeypatch.setattr(sampler, "tokenizer", Tracked(sampler.tokenizer))
+    monkeypatch.setattr(IncrementalText, "_step", tracked(IncrementalText._step))
+    text = " ".join(PROMPTS * 200)
+    req = GenerationRequest(prompt_ids=[3, 4], max_tokens=20, temperature=0.0, stop_on_eos=False, stop=["zz"])
+    jobs = [lambda: sampler.encode(text), lambda: sampler.render(api.render_chat, [{"role": "user", "content": text}]),
+            lambda: sampler.generate([req, req])]
+
+    def hammer(job):
+        try:
+            for _ in range(8):
+                job()
+        except Exception as e:  # "Already borrowed" would land here
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=hammer, args=(jobs[i % 3],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and state["most"] == 1
+
+
 def test_render_chat_and_prompt_checks(sampler):
     msgs = [{"role": "user", "content": "the cat [M]"}]
     ids = api.render_chat(sampler.tokenizer, msgs)
@@ -372,6 +434,8 @@ def test_server_routes_without_auth(client):
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
     ({"messages": []}, "messages", "invalid_value"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),  # at most 4 (OpenAI's limit)
+    ({"prompt": "x", "stop": "y" * 257}, "stop", "invalid_value"),  # at most 256 characters each
 ])
 def test_http_validation_is_400_in_openai_shape(client, body, param, code):
     """FastAPI's validation errors come back as OpenAI's error object with 400, never 422."""
