@@ -2,6 +2,7 @@
 and FluidServer's routes through Starlette's test client, on a tiny random model (auth off here)."""
 
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -218,9 +219,13 @@ def test_auth_holds_only_a_digest(tmp_path, monkeypatch):
     by_env_file = (monkeypatch.setenv(api.KEY_FILE_ENV, str(f)), api.Auth.for_replica(None, None, None))[1]
     monkeypatch.delenv(api.KEY_FILE_ENV)
     by_digest = api.Auth.for_replica(None, api.key_digest("from-file"), None)
-    assert by_file.digest == by_env_file.digest == by_digest.digest == api.key_digest("from-file")
-    assert "from-file" not in by_file.digest and by_file.fingerprint() == by_digest.fingerprint()
-    by_file.check("Bearer from-file")
+    legacy = api.Auth("sha256:" + hashlib.sha256(b"from-file").hexdigest())  # an unsalted digest a user made
+    digests = {a.digest for a in (by_file, by_env_file, by_digest)}
+    assert len(digests) == 3 and all(d.startswith("hmac-sha256:") and "from-file" not in d for d in digests)
+    for a in (by_file, by_env_file, by_digest, legacy):  # each salt is fresh; each enforces the key
+        a.check("Bearer from-file")
+        assert api.fingerprint_of("from-file", a.fingerprint()) == a.fingerprint()
+        assert api.fingerprint_of("other", a.fingerprint()) != a.fingerprint()
     for header in (None, "Bearer wrong", "from-file", "Basic from-file", "Bearer "):
         with pytest.raises(api.ApiError) as ei:
             by_file.check(header)
@@ -244,7 +249,8 @@ def test_replica_config_never_carries_the_raw_key(export_dir, tmp_path, monkeypa
     monkeypatch.delenv(api.KEY_FILE_ENV, raising=False)
     monkeypatch.setenv("FLUID_TEST_KEY", "raw-key-42")
     cfg = replica_config(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_KEY"))
-    assert cfg.api_key_sha256 == api.key_digest("raw-key-42") and "raw-key-42" not in json.dumps(cfg.__dict__)
+    assert api.Auth(cfg.api_key_sha256).matches("raw-key-42") and "raw-key-42" not in json.dumps(cfg.__dict__)
+    assert cfg.api_key_sha256.startswith("hmac-sha256:")  # salted: a random salt drawn here
     f = tmp_path / "key"
     f.write_text("k")
     with pytest.raises(FluidError, match="both set"):
@@ -267,6 +273,11 @@ def test_replica_config_never_carries_the_raw_key(export_dir, tmp_path, monkeypa
             verify_auth(Handle(got), cfg)
     with pytest.raises(FluidError, match="refusing to serve"):
         verify_auth(Handle("x"), ServeConfig(model=str(export_dir)))  # a key nobody configured
+    by_file = ServeConfig(model=str(export_dir), api_key_file=str(f))  # replicas salt the file's key themselves
+    verify_auth(Handle(api.Auth.for_replica(str(f), None, None).fingerprint()), by_file)
+    for got in (None, api.Auth(api.key_digest("not-k")).fingerprint()):
+        with pytest.raises(FluidError, match="refusing to serve"):
+            verify_auth(Handle(got), by_file)
 
 
 # ---------------------------------------------------------------- engine
@@ -448,7 +459,7 @@ def test_http_validation_is_400_in_openai_shape(client, body, param, code):
 
 
 def test_openapi_docs_and_default_max_tokens(client):
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200  # auth off
     spec = client.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert "CompletionRequest" in spec["components"]["schemas"]
@@ -476,7 +487,7 @@ def test_export_from_model_is_servable_and_says_drafts_are_untrained(tiny_model_
 def test_localize_model_from_fsspec(export_dir):
     import fsspec
 
-    from pipeline.serve.app import localize_model
+    from pipeline.serve.app import localize_model, remove_staged
 
     fs = fsspec.filesystem("memory")
     for f in export_dir.iterdir():
@@ -486,6 +497,40 @@ def test_localize_model_from_fsspec(export_dir):
     assert (local / "fluid.json").is_file() and not (local / "evil.bin").exists()
     with pytest.raises(FluidError, match="fluid.json"):
         localize_model(str(export_dir.parent))
+    assert remove_staged("memory://exports/tiny", local) and not local.exists()  # the temporary copy goes
+    assert not remove_staged(str(export_dir), export_dir) and (export_dir / "fluid.json").is_file()
+
+
+def test_api_docs_need_the_key_or_are_off_and_the_staged_copy_goes_with_the_replica(export_dir):
+    """Auth on: /docs, /redoc and /openapi.json answer 401 without the key; serve.api_docs=false removes
+    them. A replica serving an fsspec URL deletes its temporary copy when it stops."""
+    import fsspec
+    from starlette.testclient import TestClient
+
+    from pipeline.serve.app import FluidServer
+    from pipeline.serve.http import make_app
+
+    fs = fsspec.filesystem("memory")
+    for f in export_dir.iterdir():
+        fs.pipe(f"/exports/docs/{f.name}", f.read_bytes())
+    srv = FluidServer(ServeConfig(model="memory://exports/docs", api_key_sha256=api.key_digest("k"),
+                                  api_key_env="FLUID_TEST_UNSET_KEY"))
+    key = {"Authorization": "Bearer k"}
+    with TestClient(make_app(srv)) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            assert c.get(path, headers=key).status_code == 200, path
+        assert "/v1/completions" in c.get("/openapi.json", headers=key).json()["paths"]
+        assert c.get("/healthz").status_code == 200  # load balancers need no key
+    srv.cfg.api_docs = False
+    with TestClient(make_app(srv)) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path, headers=key).status_code == 404, path
+    staged = srv.staged
+    assert staged is not None and (staged / "fluid.json").is_file()
+    srv.__del__()  # what Ray Serve calls when it stops the replica
+    assert not staged.exists() and srv.staged is None
 
 
 def test_ray_metrics_accept_every_engine_report():
