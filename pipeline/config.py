@@ -220,7 +220,7 @@ class ServeConfig:
     """Key file (a mounted secret) every replica reads; default: $FLUID_API_KEY_FILE."""
     api_key_sha256: str | None = None
     """The key's salted digest 'hmac-sha256:<salt hex>:<hex>' (what `fluid serve` passes; make one with
-    `pipeline.serve.openai_api.key_digest`), or a plain 'sha256:<hex>', for configs that cannot mount a file."""
+    `pipeline.serve.auth.key_digest`), or a plain 'sha256:<hex>', for configs that cannot mount a file."""
     api_docs: bool = True
     """Serve /docs, /redoc and /openapi.json (with auth on, they need the key too); false: no such routes."""
     max_request_bytes: int = 1_000_000

@@ -133,7 +133,7 @@ def start_local_server(cfg, clients: int) -> str:
     from ray import serve
 
     from pipeline.serve.app import build_app, replica_config
-    from pipeline.serve.openai_api import key_env_hidden
+    from pipeline.serve.auth import key_env_hidden
 
     sc = cfg.serve
     sc.host = LOOPBACK_HOST
@@ -171,7 +171,7 @@ def sweep_goals(rows: list[dict]) -> bool:
 
 def auth_headers(cfg) -> dict:
     """The Authorization header of the server's API key (serve.api_key_env / api_key_file), if any."""
-    from pipeline.serve.openai_api import driver_key, read_key_file
+    from pipeline.serve.auth import driver_key, read_key_file
 
     key_file, key = driver_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
     key = read_key_file(key_file) if key_file else key

@@ -31,6 +31,7 @@ from pipeline.decode.policies import InvalidRequest
 from pipeline.errors import FluidError
 from pipeline.export_format import FLUID_META_FILE, is_export, localize_export, read_fluid_meta
 from pipeline.serve import openai_api as api
+from pipeline.serve.auth import Auth, driver_key, fingerprint_of, key_digest, read_key_file
 from pipeline.serve.engine import Engine, Overloaded
 from pipeline.serve.metrics import replica_metrics
 
@@ -103,7 +104,7 @@ class FluidServer:
 
     def __init__(self, cfg: ServeConfig | dict):
         self.cfg = cfg if isinstance(cfg, ServeConfig) else from_dict({"serve": dict(cfg)}).serve
-        self.auth = api.Auth.for_replica(self.cfg.api_key_file, self.cfg.api_key_sha256, self.cfg.api_key_env)
+        self.auth = Auth.for_replica(self.cfg.api_key_file, self.cfg.api_key_sha256, self.cfg.api_key_env)
         self.staged = None
         self.sampler, path = load_replica_sampler(self.cfg)
         self.staged = path  # removed again when the replica stops (`shutdown`), if a temporary copy
@@ -256,21 +257,21 @@ def check_config(cfg: ServeConfig) -> None:
             raise FluidError(f"serve.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.autoscaling and cfg.min_replicas > cfg.max_replicas:
         raise FluidError(f"serve.min_replicas {cfg.min_replicas} > serve.max_replicas {cfg.max_replicas}")
-    api.Auth(cfg.api_key_sha256)  # a malformed digest fails here
+    Auth(cfg.api_key_sha256)  # a malformed digest fails here
 
 
 def replica_config(cfg: ServeConfig) -> ServeConfig:
     """The config the replicas get: a key given to this process (the env var `cfg.api_key_env`) becomes
     its salted digest (a fresh random salt); a key file stays a path (a mounted secret every replica
-    reads and salts itself). Start Ray with `api.key_env_hidden(cfg.api_key_env)` so that no process
+    reads and salts itself). Start Ray with `auth.key_env_hidden(cfg.api_key_env)` so that no process
     of a local Ray instance inherits the raw key."""
-    key_file, raw = api.driver_key(cfg.api_key_env, cfg.api_key_file)
+    key_file, raw = driver_key(cfg.api_key_env, cfg.api_key_file)
     if key_file and (raw or cfg.api_key_sha256):
         raise FluidError(f"an API key file ({key_file}) and {'$' + cfg.api_key_env if raw else 'serve.api_key_sha256'} "
                          "are both set: give one")
     out = dataclasses.replace(cfg, api_key_file=key_file)
     if raw:
-        out.api_key_sha256 = api.key_digest(raw)
+        out.api_key_sha256 = key_digest(raw)
     return out
 
 
@@ -279,13 +280,13 @@ def expected_fingerprint(cfg: ServeConfig, got: str | None) -> str | None | bool
     carries the salt a replica drew for a key file): a string, None (auth off), or True (a key file
     this process cannot read, e.g. a secret mounted on the cluster only)."""
     if cfg.api_key_sha256:
-        return api.Auth(cfg.api_key_sha256).fingerprint()
+        return Auth(cfg.api_key_sha256).fingerprint()
     if cfg.api_key_file:
         try:
-            key = api.read_key_file(cfg.api_key_file)
+            key = read_key_file(cfg.api_key_file)
         except FluidError:
             return True
-        return api.fingerprint_of(key, got) if got else "a key"
+        return fingerprint_of(key, got) if got else "a key"
     return None
 
 
