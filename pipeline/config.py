@@ -215,11 +215,14 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     max_queued_requests: int = 64
     api_key_env: str = "FLUID_API_KEY"
-    """Env var holding the raw key, read by `fluid serve` only (replicas get its sha256 digest)."""
+    """Env var holding the raw key, read by `fluid serve` only (replicas get a salted digest)."""
     api_key_file: str | None = None
     """Key file (a mounted secret) every replica reads; default: $FLUID_API_KEY_FILE."""
     api_key_sha256: str | None = None
-    """'sha256:<hex>' of the key, for configs that cannot mount a file (set by `fluid serve`)."""
+    """The key's salted digest 'hmac-sha256:<salt hex>:<hex>' (what `fluid serve` passes; make one with
+    `pipeline.serve.auth.key_digest`), or a plain 'sha256:<hex>', for configs that cannot mount a file."""
+    api_docs: bool = True
+    """Serve /docs, /redoc and /openapi.json (with auth on, they need the key too); false: no such routes."""
     max_request_bytes: int = 1_000_000
     max_tokens_limit: int = 1024
     """Largest max_tokens a request may ask for."""

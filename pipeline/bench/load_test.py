@@ -133,15 +133,17 @@ def start_local_server(cfg, clients: int) -> str:
     from ray import serve
 
     from pipeline.serve.app import build_app, replica_config
+    from pipeline.serve.auth import key_env_hidden
 
     sc = cfg.serve
     sc.host = LOOPBACK_HOST
     if sc.max_batch_size < clients:
         print(f"note: serve.max_batch_size {sc.max_batch_size} → {clients} (one row per client)", file=sys.stderr)
         sc.max_batch_size = clients
-    app = build_app(replica_config(sc))  # a key in $FLUID_API_KEY reaches the replicas as its digest
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    app = build_app(replica_config(sc))  # a key in $FLUID_API_KEY reaches the replicas as a salted digest
+    with key_env_hidden(sc.api_key_env):  # the raw key stays in this process: no Ray process inherits it
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
     return f"http://{LOOPBACK_HOST}:{sc.port}{sc.route_prefix.rstrip('/')}"
@@ -169,7 +171,7 @@ def sweep_goals(rows: list[dict]) -> bool:
 
 def auth_headers(cfg) -> dict:
     """The Authorization header of the server's API key (serve.api_key_env / api_key_file), if any."""
-    from pipeline.serve.openai_api import driver_key, read_key_file
+    from pipeline.serve.auth import driver_key, read_key_file
 
     key_file, key = driver_key(cfg.serve.api_key_env, cfg.serve.api_key_file)
     key = read_key_file(key_file) if key_file else key

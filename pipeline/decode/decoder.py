@@ -88,7 +88,7 @@ class _Row:
     """Decoding state of one request."""
 
     def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None,
-                 layouts: tuple[str, ...] = ("chain",)):
+                 layouts: tuple[str, ...] = ("chain",), tokenizer_lock=None):
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
@@ -97,7 +97,7 @@ class _Row:
         self.generated: list[int] = []
         self.finish: str | None = None
         self.text: str | None = None  # the final text (set when the row finishes)
-        self.detok = IncrementalText(tokenizer, r.stop)
+        self.detok = IncrementalText(tokenizer, r.stop, tokenizer_lock)
         self.new_text = ""  # text added by the last step
         # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
         self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
@@ -136,7 +136,8 @@ class _Decoder:
         """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
         greedy_verify = any(r.policy == "verify" and r.temperature == 0 for r in resolved)
         costs = self.s.forward_cost if greedy_verify else None
-        rows = [_Row(r, self.s.tokenizer, costs, self.s.verify_layouts) for r in resolved]
+        rows = [_Row(r, self.s.tokenizer, costs, self.s.verify_layouts,
+                     getattr(self.s, "tokenizer_lock", None)) for r in resolved]
         self.active.extend(rows)
         return rows
 

@@ -5,12 +5,20 @@ Out: `IncrementalText.push(id)` → the new text chunk (append-only; "" while a 
      incomplete) and whether a stop string now appears (`stop_at`, a character index in the text);
      `TextDeltas.push(chunk)` → the part of the stream that is safe to send (never the start of a
      possible stop string), `TextDeltas.finish(text)` → the rest of the final text.
+     An optional `lock` is held around every tokenizer call (the serving engine shares the tokenizer
+     with request handlers that encode on other threads; a fast tokenizer must not be used by two at once).
 
 Fast tokenizers use the `tokenizers` library's `DecodeStream`; any other tokenizer re-decodes only a
 short window of recent ids (prefix/read offsets, as vLLM does). Nothing re-decodes the whole output.
+Stop strings are matched by an Aho–Corasick automaton fed each new chunk once (stops.py): linear in
+the text, however long the generation or the stop strings.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
+
+from pipeline.decode.stops import StopScanner
 
 try:
     from tokenizers import Tokenizer
@@ -22,17 +30,17 @@ except ImportError:  # pragma: no cover - tokenizers is a dependency of transfor
 class IncrementalText:
     """The decoded text of a growing id sequence, plus stop-string detection on its newest part."""
 
-    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = (), lock=None):
         backend = getattr(tokenizer, "_tokenizer", None)
         self._fast = backend if Tokenizer is not None and isinstance(backend, Tokenizer) else None
         self._stream = DecodeStream(skip_special_tokens=True) if self._fast is not None else None
         self._tok = tokenizer
         self._ids: list[int] = []  # window fallback only
         self._prefix = self._read = 0
+        self._lock = lock if lock is not None else nullcontext()
         self.stops = list(stops)
-        self._keep = max((len(s) for s in self.stops), default=1) - 1  # chars a stop may reach back
+        self.scanner = StopScanner(self.stops) if self.stops else None
         self._parts: list[str] = []
-        self._tail = ""  # the last `_keep` characters (where a new stop can begin)
         self.length = 0
         self.stop_at: int | None = None
 
@@ -42,15 +50,14 @@ class IncrementalText:
 
     def push(self, token_id: int) -> str:
         """Add one id; returns the new text (possibly ""). Sets `stop_at` when a stop string appears."""
-        chunk = self._step(int(token_id))
+        with self._lock:
+            chunk = self._step(int(token_id))
         if not chunk:
             return ""
-        if self.stops and self.stop_at is None:
-            window = self._tail + chunk
-            hits = [i for i in (window.find(s) for s in self.stops) if i >= 0]
-            if hits:
-                self.stop_at = self.length - len(self._tail) + min(hits)
-            self._tail = window[-self._keep :] if self._keep else ""
+        if self.scanner is not None and self.stop_at is None:
+            at = self.scanner.feed(chunk)
+            if at is not None:
+                self.stop_at = self.length + at
         self._parts.append(chunk)
         self.length += len(chunk)
         return chunk
@@ -75,14 +82,17 @@ class TextDeltas:
     """Stream text: hold back any suffix that could be the start of a stop string."""
 
     def __init__(self, stops: list[str]):
-        self.stops = list(stops)
+        self.scanner = StopScanner(stops) if stops else None
         self.pending = ""  # received, not yet sent (at most the longest stop − 1 characters)
         self.sent: list[str] = []
         self.sent_len = 0
 
     def push(self, chunk: str) -> str:
         text = self.pending + chunk
-        hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        if self.scanner is None:
+            return self._send(text)
+        self.scanner.feed(chunk)
+        hold = min(self.scanner.hold, len(text))
         out, self.pending = text[: len(text) - hold], text[len(text) - hold :]
         return self._send(out)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.decode.stops import stop_problem
 from pipeline.errors import FluidError
 
 POLICIES = ("ar", "fixed", "threshold", "entropy", "khead", "verify")
@@ -115,8 +116,9 @@ def resolve(req: GenerationRequest, *, k_max: int, defaults: dict, encode, conte
     if horizon < 1:
         raise InvalidRequest(f"max_horizon must be >= 1, got {horizon}")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise InvalidRequest("stop strings must be non-empty strings")
+    problem = stop_problem(stop)
+    if problem:
+        raise InvalidRequest(problem)
     return Resolved(ids, max_tokens, policy, gamma, min(horizon, k_max), temperature, top_p, req.seed,
                     stop, bool(req.stop_on_eos))
 

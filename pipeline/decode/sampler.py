@@ -4,10 +4,14 @@ In:  a causal LM whose vocabulary includes the mask token [M] (an export of `flu
      tokenizer, K_max, an optional horizon head and forward-cost table; `GenerationRequest`s.
 Out: `GenerationResult`s (`generate`, batched) or `StreamChunk`s (`stream`); `decoder()` hands the
      continuous-batching loop (pipeline/decode/decoder.py) to the Serve engine.
+Threads: every tokenizer call (`encode`, `decode`, `render`, the decoder's detokenizer) holds
+`tokenizer_lock`: the Serve engine decodes on its step thread while request handlers encode on others,
+and a fast tokenizer used by two threads at once can fail ("Already borrowed").
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -63,6 +67,7 @@ class Sampler:
         if device is not None:
             model = model.to(device)
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.tokenizer_lock = threading.RLock()
         self.device = next(model.parameters()).device
         self.mask_token_id, self.k_max = int(mask_token_id), k_max
         self.policy_defaults = dict(policy_defaults or {})
@@ -125,10 +130,17 @@ class Sampler:
         return load_sampler(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        with self.tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render(self, fn, *args):
+        """`fn(tokenizer, *args)` under the tokenizer lock (e.g. a chat template)."""
+        with self.tokenizer_lock:
+            return fn(self.tokenizer, *args)
 
     def resolve(self, req: GenerationRequest) -> Resolved:
         r = resolve(req, k_max=self.k_max, defaults=self.policy_defaults, encode=self.encode, context=self.context)

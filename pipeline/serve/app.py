@@ -1,7 +1,7 @@
 """Ray Serve edge: an OpenAI-compatible HTTP endpoint for the elastic-horizon sampler (docs/architecture.md).
 
 In:  `ServeConfig` (pipeline/config.py): the export folder or fsspec URL (copied locally first), limits,
-     replicas, autoscaling and resources, and the API key as a file path or a sha256 digest (never the
+     replicas, autoscaling and resources, and the API key as a file path or a salted digest (never the
      raw key: Ray shows application args and runtime envs in its dashboard and State API).
 Out: `build_app(cfg)` → the Serve Application: `FluidServer` replicas behind `serve.ingress()`, whose
      FastAPI routes (http.py) serve /v1/completions, /v1/chat/completions, /v1/models, /healthz and
@@ -9,7 +9,8 @@ Out: `build_app(cfg)` → the Serve Application: `FluidServer` replicas behind `
      the replicas enforce the key the driver was given. Replica metrics go to Ray's metrics export
      port (metrics.py).
 
-Each replica loads the model once and batches requests continuously (engine.py). Overload → 429 +
+Each replica loads the model once and batches requests continuously (engine.py); an export staged
+from an fsspec URL into a temporary folder is removed when the replica stops (`__del__`). Overload → 429 +
 Retry-After; a disconnected client's request is cancelled. `FluidServer` is a plain class, so tests
 run it without Ray (`http.make_app(FluidServer(cfg))`).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from pipeline.decode.policies import InvalidRequest
 from pipeline.errors import FluidError
 from pipeline.export_format import FLUID_META_FILE, is_export, localize_export, read_fluid_meta
 from pipeline.serve import openai_api as api
+from pipeline.serve.auth import Auth, driver_key, fingerprint_of, key_digest, read_key_file
 from pipeline.serve.engine import Engine, Overloaded
 from pipeline.serve.metrics import replica_metrics
 
@@ -58,13 +61,26 @@ def load_replica_sampler(cfg: ServeConfig):
     from pipeline.decode.load import load_sampler
 
     path = localize_model(cfg.model)
-    cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = inference_dtype(cfg.dtype, device, path)
-    if not cuda and cfg.num_cpus >= 1:
-        torch.set_num_threads(max(1, int(cfg.num_cpus)))
-    return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                        matmul=cfg.matmul), path
+    try:
+        cuda = cfg.num_gpus > 0 and torch.cuda.is_available()
+        device = "cuda" if cuda else "cpu"
+        dtype = inference_dtype(cfg.dtype, device, path)
+        if not cuda and cfg.num_cpus >= 1:
+            torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        return load_sampler(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                            matmul=cfg.matmul), path
+    except BaseException:
+        remove_staged(cfg.model, path)
+        raise
+
+
+def remove_staged(spec: str, path: Path | None) -> bool:
+    """Delete `path` when it is the temporary copy `localize_model` made of the fsspec URL `spec`
+    (never a local export folder). True if something was removed."""
+    if path is None or "://" not in spec or spec.startswith("file://") or not path.is_dir():
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def _param_of(message: str) -> str | None:
@@ -88,8 +104,10 @@ class FluidServer:
 
     def __init__(self, cfg: ServeConfig | dict):
         self.cfg = cfg if isinstance(cfg, ServeConfig) else from_dict({"serve": dict(cfg)}).serve
-        self.auth = api.Auth.for_replica(self.cfg.api_key_file, self.cfg.api_key_sha256, self.cfg.api_key_env)
+        self.auth = Auth.for_replica(self.cfg.api_key_file, self.cfg.api_key_sha256, self.cfg.api_key_env)
+        self.staged = None
         self.sampler, path = load_replica_sampler(self.cfg)
+        self.staged = path  # removed again when the replica stops (`shutdown`), if a temporary copy
         name = self.cfg.model_name or Path(self.cfg.model.rstrip("/")).name or path.name
         vocab = self.sampler.model.get_output_embeddings().weight.shape[0]
         self.limits = api.Limits(name, self.cfg.max_tokens_limit, vocab, self.sampler.mask_token_id,
@@ -111,6 +129,14 @@ class FluidServer:
         from pipeline.serve.http import make_app
 
         return make_app(self)
+
+    def shutdown(self) -> None:
+        """Remove the export's temporary copy (an fsspec URL staged here); idempotent."""
+        staged, self.staged = getattr(self, "staged", None), None
+        remove_staged(self.cfg.model, staged)
+
+    def __del__(self):  # Ray Serve calls __del__ when it stops a replica
+        self.shutdown()
 
     def check_health(self) -> None:
         """Serve's health check: an exception makes Serve replace this replica."""
@@ -141,7 +167,7 @@ class FluidServer:
         chat = kind == "chat"
         p = (api.parse_chat if chat else api.parse_completion)(body, self.limits)
         if p.messages is not None:
-            ids = await asyncio.to_thread(api.render_chat, self.sampler.tokenizer, p.messages)
+            ids = await asyncio.to_thread(self.sampler.render, api.render_chat, p.messages)
         elif p.prompt is not None:
             ids = await asyncio.to_thread(self.sampler.encode, p.prompt)
         else:
@@ -231,39 +257,43 @@ def check_config(cfg: ServeConfig) -> None:
             raise FluidError(f"serve.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.autoscaling and cfg.min_replicas > cfg.max_replicas:
         raise FluidError(f"serve.min_replicas {cfg.min_replicas} > serve.max_replicas {cfg.max_replicas}")
-    api.Auth(cfg.api_key_sha256)  # a malformed digest fails here
+    Auth(cfg.api_key_sha256)  # a malformed digest fails here
 
 
 def replica_config(cfg: ServeConfig) -> ServeConfig:
     """The config the replicas get: a key given to this process (the env var `cfg.api_key_env`) becomes
-    its sha256 digest; a key file stays a path (a mounted secret every replica reads)."""
-    key_file, raw = api.driver_key(cfg.api_key_env, cfg.api_key_file)
+    its salted digest (a fresh random salt); a key file stays a path (a mounted secret every replica
+    reads and salts itself). Start Ray with `auth.key_env_hidden(cfg.api_key_env)` so that no process
+    of a local Ray instance inherits the raw key."""
+    key_file, raw = driver_key(cfg.api_key_env, cfg.api_key_file)
     if key_file and (raw or cfg.api_key_sha256):
         raise FluidError(f"an API key file ({key_file}) and {'$' + cfg.api_key_env if raw else 'serve.api_key_sha256'} "
                          "are both set: give one")
     out = dataclasses.replace(cfg, api_key_file=key_file)
     if raw:
-        out.api_key_sha256 = api.key_digest(raw)
+        out.api_key_sha256 = key_digest(raw)
     return out
 
 
-def expected_fingerprint(cfg: ServeConfig) -> str | None | bool:
-    """The key fingerprint replicas of `replica_config(cfg)` must report: a string, None (auth off), or
-    True (a key file this process cannot read, e.g. a secret mounted on the cluster only)."""
+def expected_fingerprint(cfg: ServeConfig, got: str | None) -> str | None | bool:
+    """The key fingerprint replicas of `replica_config(cfg)` must report, given what one reported (`got`
+    carries the salt a replica drew for a key file): a string, None (auth off), or True (a key file
+    this process cannot read, e.g. a secret mounted on the cluster only)."""
     if cfg.api_key_sha256:
-        return api.Auth(cfg.api_key_sha256).fingerprint()
+        return Auth(cfg.api_key_sha256).fingerprint()
     if cfg.api_key_file:
         try:
-            return api.Auth(api.key_digest(api.read_key_file(cfg.api_key_file))).fingerprint()
+            key = read_key_file(cfg.api_key_file)
         except FluidError:
             return True
+        return fingerprint_of(key, got) if got else "a key"
     return None
 
 
 def verify_auth(handle, cfg: ServeConfig) -> None:
     """Refuse to go on if the running replicas do not enforce the key `cfg` (a replica_config) names."""
-    want = expected_fingerprint(cfg)
     got = handle.auth_fingerprint.remote().result(timeout_s=60)
+    want = expected_fingerprint(cfg, got)
     if (want is True and got is None) or (want is not True and got != want):
         raise FluidError(f"the replicas enforce {'no key' if got is None else 'another key'} although "
                          f"{'a key' if want else 'none'} was configured; refusing to serve")

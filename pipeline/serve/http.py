@@ -2,17 +2,18 @@
 
 In:  a `FluidServer` (app.py) that owns the sampler, the engine and the key; HTTP requests.
 Out: `make_app(server)` → a FastAPI app with GET /healthz, GET /v1/models, POST /v1/completions,
-     POST /v1/chat/completions, and /docs + /openapi.json. Ray Serve mounts it with `@serve.ingress`
+     POST /v1/chat/completions, and /docs, /redoc, /openapi.json (unless serve.api_docs is false). Ray Serve mounts it with `@serve.ingress`
      (so access logs show the real route); tests run it with Starlette's TestClient, without Ray.
 Every error is OpenAI's {"error": {"message", "type", "param", "code"}}: validation failures are 400
 (never FastAPI's 422), unknown routes 404, wrong methods 405, oversized bodies 413, a wrong or
-missing key 401 (GET /healthz and /docs need no key: a load balancer and a browser probe them).
+missing key 401 (only GET /healthz needs no key, for load balancers; with auth on, the API docs need it too).
 """
 
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from pipeline.serve import openai_api as api
 from pipeline.serve import schema
 
 ROUTES = "/v1/completions, /v1/chat/completions, /v1/models, /healthz, /docs"
+TITLE = "FLUID — OpenAI-compatible completions"
 
 
 def error_response(e: api.ApiError) -> JSONResponse:
@@ -58,12 +60,32 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+def add_keyed_docs(app: FastAPI, require_key) -> None:
+    """/openapi.json, /docs and /redoc behind the key (auth on). A browser sends no Authorization header
+    by itself: fetch them with one (curl, an API client), or set serve.api_docs=false."""
+    keyed = [Depends(require_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    async def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    async def docs(request: Request):
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=TITLE)
+
+    @app.get("/redoc", include_in_schema=False, dependencies=keyed)
+    async def redoc(request: Request):
+        return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title=TITLE)
+
+
 def make_app(server) -> FastAPI:
     """The routes of `server` (a FluidServer: `.health()`, `.models()`, `.generate(kind, body)`, `.auth`)."""
-    app = FastAPI(title="FLUID — OpenAI-compatible completions", version="1",
+    open_docs = server.cfg.api_docs and not server.auth.on  # FastAPI's own routes: no key needed
+    app = FastAPI(title=TITLE, version="1",
                   description="Elastic-horizon decoding of a FLUID export. Send `Authorization: Bearer <key>` "
                   "when the server has a key. Extensions: `policy`, `gamma`, `max_horizon`, `ignore_eos`.",
-                  responses={"4XX": {"model": schema.ErrorResponse}})
+                  responses={"4XX": {"model": schema.ErrorResponse}},
+                  **({} if open_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
 
     @app.exception_handler(api.ApiError)
     async def _api_error(request: Request, e: api.ApiError):
@@ -108,5 +130,7 @@ def make_app(server) -> FastAPI:
     async def chat_completions(body: schema.ChatCompletionRequest):
         return await server.generate("chat", body.model_dump(exclude_unset=True))
 
+    if server.cfg.api_docs and server.auth.on:
+        add_keyed_docs(app, require_key)
     app.add_middleware(BodyLimit, limit=server.cfg.max_request_bytes)
     return app

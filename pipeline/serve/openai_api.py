@@ -9,24 +9,20 @@ Out: a `Parsed` request (→ `GenerationRequest` once the prompt is tokenized) o
 Extensions accepted in requests: `policy`, `gamma`, `max_horizon` (the sampler's knobs, docs/method.md §7)
 and `ignore_eos`. Unknown fields are ignored (clients send many); unsupported ones (n > 1, echo,
 logprobs, best_of > 1, suffix, logit_bias, penalties ≠ 0, tools) are refused by name.
-Auth: replicas hold only a sha256 digest of the key (`Auth`), read from a key file or given as a digest.
+The API key check lives in auth.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline.decode.policies import POLICIES, GenerationRequest
-from pipeline.errors import FluidError
+from pipeline.decode.stops import stop_problem
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -173,8 +169,9 @@ def _common(body: dict, limits: Limits, kind: str) -> Parsed:
     opts["seed"] = seed
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or any(not isinstance(s, str) or not s for s in stop):
-        raise bad("stop", "stop must be a non-empty string or a list of at most 4 non-empty strings")
+    problem = stop_problem(stop)
+    if problem:
+        raise bad("stop", problem)
     opts["stop"] = stop
     policy = body.get("policy")
     if policy is not None and policy not in POLICIES:
@@ -260,79 +257,6 @@ def check_prompt(ids: list[int], *, param: str, context: int | None, mask_token_
                   "shorten it", "context_length_exceeded")
     if mask_token_id is not None and mask_token_id in ids:
         raise bad(param, "the prompt contains the sampler's mask token")
-
-
-# ---------------------------------------------------------------- auth
-
-KEY_FILE_ENV = "FLUID_API_KEY_FILE"  # a path (mounted secret), safe to put in a runtime env or manifest
-
-
-def key_digest(key: str) -> str:
-    """What replicas are given instead of the key: "sha256:<hex>" (use long random keys)."""
-    return "sha256:" + hashlib.sha256(key.strip().encode()).hexdigest()
-
-
-def read_key_file(path: str) -> str:
-    try:
-        key = Path(path).expanduser().read_text().strip()
-    except OSError as e:
-        raise FluidError(f"API key file {path}: cannot read ({e.strerror}); on a cluster, mount the secret on "
-                         "every node that runs a replica") from None
-    if not key:
-        raise FluidError(f"API key file {path} is empty")
-    return key
-
-
-class Auth:
-    """The replica's key check. `digest` None = auth off. Only a digest is held, never the key."""
-
-    def __init__(self, digest: str | None):
-        if digest is not None and not (digest.startswith("sha256:") and len(digest) == 71):
-            raise FluidError("serve.api_key_sha256 must be 'sha256:' + 64 hex digits (see `fluid serve --help`)")
-        self.digest = digest
-
-    @classmethod
-    def for_replica(cls, key_file: str | None, key_sha256: str | None, raw_env: str | None) -> Auth:
-        """The key as the replica finds it: a key file (config, else $FLUID_API_KEY_FILE), else a digest.
-        A raw key in the replica's environment (shown by Ray's dashboard and State API) is refused
-        unless a file or digest is configured as well (then the environment is only inherited)."""
-        key_file = key_file or os.environ.get(KEY_FILE_ENV) or None
-        if key_file and key_sha256:
-            raise FluidError("both an API key file and serve.api_key_sha256 are set: give one")
-        if key_file:
-            return cls(key_digest(read_key_file(key_file)))
-        if key_sha256:
-            return cls(key_sha256)
-        if raw_env and os.environ.get(raw_env, "").strip():
-            raise FluidError(f"${raw_env} holds a raw API key in this replica's environment, where Ray's dashboard "
-                             f"shows it, and it would not be enforced: mount the key as a file and set "
-                             f"{KEY_FILE_ENV} (or serve.api_key_file), or start with `fluid serve`, which passes "
-                             "only its sha256 digest")
-        return cls(None)
-
-    @property
-    def on(self) -> bool:
-        return self.digest is not None
-
-    def fingerprint(self) -> str | None:
-        """A short id of the key (compare replicas and drivers without showing the key)."""
-        return None if self.digest is None else hashlib.sha256(self.digest.encode()).hexdigest()[:12]
-
-    def check(self, header: str | None) -> None:
-        if self.digest is None:
-            return
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip() or \
-                not hmac.compare_digest(key_digest(token).encode(), self.digest.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", None,
-                           "invalid_api_key")
-
-
-def driver_key(env_name: str | None, key_file: str | None) -> tuple[str | None, str | None]:
-    """The key a driver (`fluid serve`, the load test) was given: (key file, raw key from $env_name)."""
-    key_file = key_file or os.environ.get(KEY_FILE_ENV) or None
-    raw = os.environ.get(env_name, "").strip() if env_name else ""
-    return key_file, raw or None
 
 
 # ---------------------------------------------------------------- responses

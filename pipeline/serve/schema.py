@@ -37,7 +37,8 @@ class _Common(_Strict):
     n: int | None = Field(None, description="only 1 is supported")
     stream: bool | None = Field(None, description="server-sent events, one per decoding step")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text is cut before them")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings of at most 256 characters; the text is "
+                                         "cut before them")
     seed: int | None = None
     user: str | None = None
     policy: Policy | None = Field(None, description="FLUID: decoding policy (default: the export's)")

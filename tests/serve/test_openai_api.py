@@ -132,6 +132,68 @@ def test_parse_json_and_good_requests():
     assert chat.request([1], 100).max_tokens == 100
 
 
+def test_tokenizer_is_never_used_by_two_threads_at_once(sampler, monkeypatch):
+    """Handlers encode (and render chat templates) on worker threads while the engine's step thread
+    detokenizes: every tokenizer call holds the sampler's lock (a fast tokenizer shared by two threads
+    at once can fail with "Already borrowed")."""
+    import threading
+    import time
+
+    from pipeline.decode.detok import IncrementalText
+
+    state, guard, errors = {"active": 0, "most": 0}, threading.Lock(), []
+
+    def tracked(fn):
+        def call(*a, **kw):
+            with guard:
+                state["active"] += 1
+                state["most"] = max(state["most"], state["active"])
+            try:
+                time.sleep(0.0002)  # widen the window an overlap would need
+                return fn(*a, **kw)
+            finally:
+                with guard:
+                    state["active"] -= 1
+        return call
+
+    class Tracked:
+        def __init__(self, tok):
+            self.t, self._tokenizer = tok, tok._tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+        def __call__(self, *a, **kw):
+            return tracked(self.t)(*a, **kw)
+
+        def decode(self, *a, **kw):
+            return tracked(self.t.decode)(*a, **kw)
+
+        def apply_chat_template(self, *a, **kw):
+            return tracked(self.t.apply_chat_template)(*a, **kw)
+
+    monkeypatch.setattr(sampler, "tokenizer", Tracked(sampler.tokenizer))
+    monkeypatch.setattr(IncrementalText, "_step", tracked(IncrementalText._step))
+    text = " ".join(PROMPTS * 200)
+    req = GenerationRequest(prompt_ids=[3, 4], max_tokens=20, temperature=0.0, stop_on_eos=False, stop=["zz"])
+    jobs = [lambda: sampler.encode(text), lambda: sampler.render(api.render_chat, [{"role": "user", "content": text}]),
+            lambda: sampler.generate([req, req])]
+
+    def hammer(job):
+        try:
+            for _ in range(8):
+                job()
+        except Exception as e:  # "Already borrowed" would land here
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=hammer, args=(jobs[i % 3],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and state["most"] == 1
+
+
 def test_render_chat_and_prompt_checks(sampler):
     msgs = [{"role": "user", "content": "the cat [M]"}]
     ids = api.render_chat(sampler.tokenizer, msgs)
@@ -144,67 +206,6 @@ def test_render_chat_and_prompt_checks(sampler):
         api.check_prompt([1, 38], param="prompt", context=None, mask_token_id=38)
 
 
-def test_auth_holds_only_a_digest(tmp_path, monkeypatch):
-    monkeypatch.delenv("FLUID_TEST_KEY", raising=False)
-    monkeypatch.delenv(api.KEY_FILE_ENV, raising=False)
-    off = api.Auth.for_replica(None, None, "FLUID_TEST_KEY")
-    assert not off.on and off.fingerprint() is None
-    off.check(None)  # auth off
-    f = tmp_path / "key"
-    f.write_text("from-file\n")
-    by_file = api.Auth.for_replica(str(f), None, "FLUID_TEST_KEY")
-    by_env_file = (monkeypatch.setenv(api.KEY_FILE_ENV, str(f)), api.Auth.for_replica(None, None, None))[1]
-    monkeypatch.delenv(api.KEY_FILE_ENV)
-    by_digest = api.Auth.for_replica(None, api.key_digest("from-file"), None)
-    assert by_file.digest == by_env_file.digest == by_digest.digest == api.key_digest("from-file")
-    assert "from-file" not in by_file.digest and by_file.fingerprint() == by_digest.fingerprint()
-    by_file.check("Bearer from-file")
-    for header in (None, "Bearer wrong", "from-file", "Basic from-file", "Bearer "):
-        with pytest.raises(api.ApiError) as ei:
-            by_file.check(header)
-        assert ei.value.status == 401 and ei.value.code == "invalid_api_key"
-    with pytest.raises(FluidError, match="cannot read"):
-        api.Auth.for_replica(str(tmp_path / "missing"), None, None)
-    with pytest.raises(FluidError, match="sha256"):
-        api.Auth("0123")
-    # A raw key in a replica's environment would be visible and not enforced: the replica refuses.
-    monkeypatch.setenv("FLUID_TEST_KEY", "s3cret")
-    with pytest.raises(FluidError, match="FLUID_TEST_KEY holds a raw API key"):
-        api.Auth.for_replica(None, None, "FLUID_TEST_KEY")
-    assert api.Auth.for_replica(None, api.key_digest("s3cret"), "FLUID_TEST_KEY").on  # inherited, hashed
-
-
-def test_replica_config_never_carries_the_raw_key(export_dir, tmp_path, monkeypatch):
-    """What Ray shows (the deployment's args) holds a digest or a path, never the key; a key that the
-    replicas do not enforce stops `fluid serve`."""
-    from pipeline.serve.app import replica_config, verify_auth
-
-    monkeypatch.delenv(api.KEY_FILE_ENV, raising=False)
-    monkeypatch.setenv("FLUID_TEST_KEY", "raw-key-42")
-    cfg = replica_config(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_KEY"))
-    assert cfg.api_key_sha256 == api.key_digest("raw-key-42") and "raw-key-42" not in json.dumps(cfg.__dict__)
-    f = tmp_path / "key"
-    f.write_text("k")
-    with pytest.raises(FluidError, match="both set"):
-        replica_config(ServeConfig(model=str(export_dir), api_key_env="FLUID_TEST_KEY", api_key_file=str(f)))
-
-    class Handle:  # a deployment handle whose replicas report `got`
-        def __init__(self, got):
-            self.auth_fingerprint = self
-            self.got = got
-
-        def remote(self):
-            return self
-
-        def result(self, timeout_s):
-            return self.got
-
-    verify_auth(Handle(api.Auth(cfg.api_key_sha256).fingerprint()), cfg)
-    for got in (None, "another"):
-        with pytest.raises(FluidError, match="refusing to serve"):
-            verify_auth(Handle(got), cfg)
-    with pytest.raises(FluidError, match="refusing to serve"):
-        verify_auth(Handle("x"), ServeConfig(model=str(export_dir)))  # a key nobody configured
 
 
 # ---------------------------------------------------------------- engine
@@ -372,6 +373,8 @@ def test_server_routes_without_auth(client):
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "invalid_type"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
     ({"messages": []}, "messages", "invalid_value"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),  # at most 4 (OpenAI's limit)
+    ({"prompt": "x", "stop": "y" * 257}, "stop", "invalid_value"),  # at most 256 characters each
 ])
 def test_http_validation_is_400_in_openai_shape(client, body, param, code):
     """FastAPI's validation errors come back as OpenAI's error object with 400, never 422."""
@@ -384,7 +387,7 @@ def test_http_validation_is_400_in_openai_shape(client, body, param, code):
 
 
 def test_openapi_docs_and_default_max_tokens(client):
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 200 and client.get("/redoc").status_code == 200  # auth off
     spec = client.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert "CompletionRequest" in spec["components"]["schemas"]
@@ -412,7 +415,7 @@ def test_export_from_model_is_servable_and_says_drafts_are_untrained(tiny_model_
 def test_localize_model_from_fsspec(export_dir):
     import fsspec
 
-    from pipeline.serve.app import localize_model
+    from pipeline.serve.app import localize_model, remove_staged
 
     fs = fsspec.filesystem("memory")
     for f in export_dir.iterdir():
@@ -422,6 +425,8 @@ def test_localize_model_from_fsspec(export_dir):
     assert (local / "fluid.json").is_file() and not (local / "evil.bin").exists()
     with pytest.raises(FluidError, match="fluid.json"):
         localize_model(str(export_dir.parent))
+    assert remove_staged("memory://exports/tiny", local) and not local.exists()  # the temporary copy goes
+    assert not remove_staged(str(export_dir), export_dir) and (export_dir / "fluid.json").is_file()
 
 
 def test_ray_metrics_accept_every_engine_report():

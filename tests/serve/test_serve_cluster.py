@@ -36,13 +36,15 @@ def cluster(ray_local, tmp_path_factory):
     serve.shutdown()
 
 
-def fluid_serve(cluster, name: str, env: dict, log: Path) -> subprocess.Popen:
+def fluid_serve(cluster, name: str, env: dict, log: Path, address: str | None = None,
+                port: int = HTTP) -> subprocess.Popen:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}
     for k in ("RAY_ADDRESS", "FLUID_API_KEY", "FLUID_API_KEY_FILE"):
         if k not in env or env[k] is None:
             env.pop(k, None)
-    cmd = [sys.executable, "-m", "jobs.serve", "--address", cluster["address"],
-           f"--serve.model={cluster['export']}", f"--serve.port={HTTP}", f"--serve.app_name={name}",
+    extra = ["--num-cpus", "4"] if address == "local" else []
+    cmd = [sys.executable, "-m", "jobs.serve", "--address", address or cluster["address"], *extra,
+           f"--serve.model={cluster['export']}", f"--serve.port={port}", f"--serve.app_name={name}",
            f"--serve.route_prefix=/{name}", "--serve.max_batch_size=4", "--serve.num_cpus=1"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 180
@@ -54,9 +56,9 @@ def fluid_serve(cluster, name: str, env: dict, log: Path) -> subprocess.Popen:
     pytest.fail(f"fluid serve {name} did not start: {log.read_text()[-3000:]}")
 
 
-def call(name: str, key: str | None, path: str = "/v1/completions"):
+def call(name: str, key: str | None, path: str = "/v1/completions", port: int = HTTP):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = f"http://127.0.0.1:{HTTP}/{name}{path}"
+    url = f"http://127.0.0.1:{port}/{name}{path}"
     with httpx.Client(trust_env=False, timeout=60) as c:
         if path == "/v1/completions":
             return c.post(url, headers=headers, json={"prompt": "the cat", "max_tokens": 6, "temperature": 0,
@@ -108,3 +110,55 @@ def test_key_is_enforced_on_a_running_cluster_and_ctrl_c_deletes_only_its_app(cl
                     p.wait(60)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) if d.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def test_the_raw_key_reaches_no_process_of_a_local_ray_instance(cluster):
+    """`fluid serve` that starts its own Ray instance with FLUID_API_KEY in its environment: the key is
+    enforced, yet no other process on this machine (GCS, raylet, workers, replicas: all children of the
+    CLI) has it in its environment or command line, and no file of that Ray session holds it."""
+    import secrets
+
+    key, port = "raw-" + secrets.token_hex(16), HTTP + 1
+    proc = fluid_serve(cluster, "leak", {"FLUID_API_KEY": key}, cluster["tmp"] / "leak.log", "local", port)
+    try:
+        assert call("leak", key, port=port).status_code == 200
+        assert call("leak", None, port=port).status_code == 401
+        ray_procs, hits, sessions = descendants(proc.pid), [], set()
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == proc.pid:  # the CLI: where the key was read
+                continue
+            try:
+                environ, cmdline = (d / "environ").read_bytes(), (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if key.encode() in environ + cmdline:
+                hits.append((d.name, cmdline[:200]))
+            if int(d.name) in ray_procs:
+                sessions |= set(re.findall(rb"(/[^\0=]*/session_[0-9_\-]+)", cmdline))
+        assert len(ray_procs) >= 4 and hits == [], (len(ray_procs), hits)
+        assert len(sessions) == 1, sessions  # this instance's session folder: logs, runtime envs
+        files = [f for f in Path(sessions.pop().decode()).rglob("*") if f.is_file() and f.stat().st_size < 50e6]
+        assert files and not [f for f in files if key.encode() in f.read_bytes()]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
