@@ -77,7 +77,27 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     report["paths"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "folder": str(out)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
+    track_report(cfg, export, report)
     return report
+
+
+def track_report(cfg, export: str, report: dict) -> None:
+    """The report as an MLflow run (pipeline/train/tracking.py) in the store of the export's folder (the
+    adapt run's, nested under its run): settings as params, headline numbers as metrics, report.json,
+    report.md and the plots as artifacts."""
+    from pipeline.train.tracking import tracked
+
+    with tracked(cfg.train.tracking, Path(export).resolve().parent, "evaluate", report["settings"]) as tracker:
+        if tracker is None:
+            return
+        ce = report["ce"]
+        tracker.log_metrics({"base_ar_ce": ce["base_ar_ce"], "adapted_ar_ce": ce["adapted_ar_ce"],
+                             "ar_ce_change": ce["ar_ce_change"],
+                             **{f"lambada_accuracy_{r['policy']}": r["accuracy"] for r in report["lambada"]},
+                             **{f"tokens_per_forward_{r['policy']}": r["tokens_per_forward"]
+                                for r in report["sampler"]["rows"]}})
+        paths = report["paths"]
+        tracker.log_artifacts([paths["json"], paths["markdown"], *report["plots"]], "evaluate")
 
 
 def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:
