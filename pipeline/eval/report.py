@@ -113,10 +113,7 @@ def write_plots(r: dict, metrics_rows: list[dict], folder: str | Path) -> list[s
         out.append(_save(fig, folder / "accepted_hist.png"))
 
     if r.get("horizon"):
-        fig, axes = plt.subplots(len(r["horizon"]), 1, figsize=(7, 1.8 * len(r["horizon"]) + 0.6), squeeze=False)
-        for ax, h in zip(axes[:, 0], r["horizon"], strict=True):
-            _widths(ax, h)
-        out.append(_save(fig, folder / "horizon_widths.png"))
+        out.append(_horizon_widths(plt, r["horizon"], folder / "horizon_widths.png"))
 
     sweep = r.get("gamma_sweep", [])
     if sweep:
@@ -141,6 +138,13 @@ def _save(fig, path: Path) -> str:
 
     plt.close(fig)
     return str(path)
+
+
+def _horizon_widths(plt, samples: list[dict], path: Path) -> str:
+    fig, axes = plt.subplots(len(samples), 1, figsize=(7, 1.8 * len(samples) + 0.6), squeeze=False)
+    for ax, h in zip(axes[:, 0], samples, strict=True):
+        _widths(ax, h)
+    return _save(fig, path)
 
 
 def _widths(ax, h: dict) -> None:
