@@ -160,7 +160,7 @@ COLOURS = ("#cfe2ff", "#ffe1b0", "#c8f0c8", "#f3c9f0", "#c4eef2", "#f7c6c6")
 
 def horizon_html(samples: list[dict], folder: str | Path) -> str:
     """horizon.html: per sample, the prompt (grey), then the text each forward committed, coloured by
-    forward (hover: its step and width), and the widths plotted under it (inline SVG)."""
+    forward as its bar in the plot under it (inline SVG of the widths); hover: the forward and its width."""
     import html
     import io
 
@@ -170,8 +170,8 @@ def horizon_html(samples: list[dict], folder: str | Path) -> str:
              "line-height:1.7}.p{color:#888}</style><h1>The horizon, step by step</h1>"
              "<p>Each colour is the text one forward of the model committed.</p>"]
     for i, h in enumerate(samples):
-        spans = "".join(f"<span style='background:{COLOURS[j % len(COLOURS)]}' title='forward {s}: "
-                        f"{h['widths'][s]} tokens'>{html.escape(t)}</span>" for j, (s, t) in enumerate(h["chunks"]))
+        spans = "".join(f"<span style='background:{COLOURS[s % len(COLOURS)]}' title='forward {s}: "
+                        f"{h['widths'][s]} tokens'>{html.escape(t)}</span>" for s, t in h["chunks"])  # as its bar
         fig, ax = plt.subplots(figsize=(7, 1.8))
         _widths(ax, h)
         fig.tight_layout()
