@@ -29,10 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true",
                         help="run the model in this process, without Ray (one machine; same shards and output)")
     args, cfg = parse_job_args(parser, argv)
+    import dataclasses
+
     from pipeline.train.self_distill import distill, validate
+    from pipeline.train.tracking import tracked
 
     validate(cfg)
-    print(json.dumps(distill(cfg, ray_address=args.ray_address, local=args.local)))
+    params = {"model": cfg.model.spec, "corpus": cfg.data.corpus, "distill": dataclasses.asdict(cfg.distill)}
+    with tracked(cfg.train.tracking, cfg.distill.output, "distill", params) as tracker:  # store: <output>/mlflow.db
+        summary = distill(cfg, ray_address=args.ray_address, local=args.local)
+        if tracker:
+            tracker.log_metrics(summary)
+    print(json.dumps(summary))
     return 0
 
 

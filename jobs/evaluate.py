@@ -12,8 +12,9 @@ Measures, on the export and its base model (`fluid.json` names it; `--base` over
 * with `eval.lambada_ce_tokens` > 0, the AR CE of both over that many LAMBADA tokens (whole passages:
   "no forgetting" outside the training domain).
 Writes report.json, report.md and PNG plots (CE by k before/after, training curves from the run's
-metrics.jsonl, accepted-length histogram, speed vs agreement) to `eval.output` (default: the folder
-`eval` next to the export).
+metrics.jsonl, accepted-length histogram, speed vs agreement, the width of each forward) and horizon.html
+(2–3 held-out prompts decoded with `verify`, the text coloured by the forward that committed it, the
+widths under it) to `eval.output` (default: the folder `eval` next to the export).
 
 Example:  fluid evaluate --model runs/fluid-adapt/export --eval.lambada_items=200
 

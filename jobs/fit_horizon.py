@@ -47,9 +47,18 @@ def _main(cfg, target: str, export: Path, meta: dict) -> int:
                          "workers ≥ 1")
     if int(meta["k_max"]) < 2:
         raise FluidError(f"{export} was trained with k_max={meta['k_max']}: no drafts to fit a horizon on")
-    from pipeline.train.horizon import fit
+    import dataclasses
 
-    metrics = fit(cfg, export, meta, target=target)
+    from pipeline.sources.staging import is_remote
+    from pipeline.train.horizon import fit
+    from pipeline.train.tracking import tracked
+
+    folder = None if is_remote(target) else Path(target).resolve().parent  # the adapt run's folder, by default
+    params = {"export": target, "horizon": dataclasses.asdict(h)}
+    with tracked(cfg.train.tracking, folder, "fit-horizon", params) as tracker:
+        metrics = fit(cfg, export, meta, target=target)
+        if tracker:
+            tracker.log_metrics(metrics)
     print(f"[fluid] horizon head → {target.rstrip('/')}/{HEAD_FILE}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return 0

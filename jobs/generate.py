@@ -5,7 +5,10 @@ the horizon head if fitted) or any model spec of pipeline/sources/model_source.p
 `smollm2-135m`), whose mask token is then untrained — useful to check the never-slower-than-AR
 fallback. Sampler settings come from `--policy/--gamma/…` or the `sampler` config section.
 
-Example:  fluid generate --model runs/fluid-adapt/export --policy verify --prompt "To be, or not"
+`--show` colours the text by the forward that committed it: each colour (or, when stdout is not a
+terminal or NO_COLOR is set, each `|`-separated piece) is the tokens one forward of the model added.
+
+Example:  fluid generate --model runs/fluid-adapt/export --policy verify --prompt "To be, or not" --show
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    parser.add_argument("--show", action="store_true",
+                        help="colour the text by the forward that committed it (`|` between forwards when stdout "
+                             "is not a terminal or NO_COLOR is set)")
     args, cfg = parse_job_args(parser, argv)
     from pipeline.decode.sampler import GenerationRequest
 
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         hist = " ".join(f"{k}:{v}" for k, v in sorted(st.accepted_hist.items()))
         timing = "" if batched else (f", {st.wall_time_s:.2f} s ({st.tokens / max(st.wall_time_s, 1e-9):.1f} "
                                      "tokens/s)")
-        print(f"--- prompt: {prompt!r}\n{result.text}\n--- {st.policy}: {st.tokens} tokens in {st.forwards} forwards "
+        text = show(sampler, result) if args.show else result.text
+        print(f"--- prompt: {prompt!r}\n{text}\n--- {st.policy}: {st.tokens} tokens in {st.forwards} forwards "
               f"({st.tokens_per_forward:.2f} tokens/forward){timing}, finish {result.finish_reason}; "
               f"accepted per forward {hist}")
     if batched:
@@ -70,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- batch of {len(results)} prompts decoded together: {tokens} tokens in {wall:.2f} s "
               f"({tokens / max(wall, 1e-9):.1f} tokens/s in all)")
     return 0
+
+
+def show(sampler, result) -> str:
+    """The text with each forward's chunk in its own colour, or `|` between them (pipeline/decode/show.py)."""
+    from pipeline.decode.show import render, step_chunks, use_colour
+
+    chunks = step_chunks(sampler.decode, result.token_ids, result.stats.step_of_token, result.text)
+    return render(chunks, colour=use_colour(sys.stdout))
 
 
 if __name__ == "__main__":

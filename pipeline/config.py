@@ -139,6 +139,9 @@ class TrainConfig:
     fail_at_step: int | None = None
     """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
     seed: int = 0
+    tracking: Literal["auto", "mlflow", "off"] = "auto"
+    """MLflow tracking (pipeline/train/tracking.py) of adapt, evaluate, fit-horizon and distill: `auto` = on when
+    mlflow is installed; `mlflow` = required; `off`. The store is MLFLOW_TRACKING_URI, else `<run>/mlflow.db`."""
     resume: Literal["auto", "force"] = "auto"
     """A re-submitted run (same run name) resumes from its last checkpoint. `auto`: only if every setting that
     changes what is trained matches the checkpoint's (pipeline/train/resume.py `RESUBMIT_MAY_CHANGE` lists the ones that

@@ -60,6 +60,7 @@ class GenerationStats:
     tokens: int = 0
     tokens_per_forward: float = 0.0
     accepted_hist: dict[int, int] = field(default_factory=dict)  # tokens committed by a forward -> count
+    step_of_token: list[int] = field(default_factory=list)  # per generated token: the forward (0, 1, …) committing it
     mask_tokens: int = 0  # mask tokens fed in all (the drafting cost)
     wall_time_s: float = 0.0
 
@@ -82,6 +83,7 @@ class StreamChunk:
     text: str  # text delta (never a broken UTF-8 character or the start of a possible stop string)
     finish_reason: str | None = None
     result: GenerationResult | None = None  # on the last chunk
+    step: int | None = None  # the forward (0, 1, …) of this request that committed `token_ids`
 
 
 class _Row:
@@ -391,6 +393,7 @@ class _Decoder:
         st = row.stats
         st.forwards += 1
         st.tokens = len(row.generated)
+        st.step_of_token += [st.forwards - 1] * len(out)
         st.accepted_hist[len(out)] = st.accepted_hist.get(len(out), 0) + 1
         if reason is not None:
             row.finish = reason

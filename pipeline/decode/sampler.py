@@ -169,10 +169,10 @@ class Sampler:
         while not dec.done:
             [(_, toks)] = dec.step()
             if row.finish is None:
-                yield StreamChunk(toks, deltas.push(row.new_text))
+                yield StreamChunk(toks, deltas.push(row.new_text), step=row.stats.forwards - 1)
             else:
                 res = self.result(row)
-                yield StreamChunk(toks, deltas.finish(res.text), row.finish, res)
+                yield StreamChunk(toks, deltas.finish(res.text), row.finish, res, step=row.stats.forwards - 1)
 
     def result(self, row: _Row) -> GenerationResult:
         """The finished result of a decoder row."""

@@ -3,7 +3,8 @@
 * `evaluate`           the whole report of an export and its base model: held-out AR CE and draft CE by k
                        (`heldout_chunks`, `heldout_ce`), LAMBADA accuracy per policy (`lambada_table`), the
                        sampler table and `threshold` sweep (`sampler_table`), the LAMBADA AR CE
-                       (`lambada_ce`) → report.json, report.md and PNG plots (pipeline/eval/report.py);
+                       (`lambada_ce`), the horizon of a few prompts (`horizon_samples`) → report.json,
+                       report.md, horizon.html and PNG plots (pipeline/eval/report.py);
 * `lambada_ce_record`  `--lambada-ce-only`: the LAMBADA AR CE of any model as a record (lambada_ce.json).
 
 Not in the core's "never imports Ray" contract (pyproject.toml): `lambada_table` spreads the LAMBADA
@@ -30,7 +31,6 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     import torch
 
     from pipeline.decode.load import load_sampler
-    from pipeline.eval.report import markdown, write_plots
     from pipeline.train.outputs import METRICS
 
     e = cfg.eval
@@ -69,15 +69,66 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
                      "date": time.strftime("%Y-%m-%d %H:%M")},
         "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep,
+        "horizon": horizon_samples(sampler, prompt_ids[:3], policies, e.max_tokens),
     }
-    metrics_path = Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS
+    write_report(report, out, Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS)
+    report["seconds"] = time.perf_counter() - t_start
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    track_report(cfg, export, report)
+    return report
+
+
+def write_report(report: dict, out: Path, metrics_path: Path) -> None:
+    """Plots (with the run's training curves from `metrics_path`), horizon.html and report.md into `out`;
+    their paths into `report`."""
+    from pipeline.eval.report import horizon_html, markdown, write_plots
+
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.is_file() else []
     report["plots"] = write_plots(report, rows, out)
-    report["seconds"] = time.perf_counter() - t_start
     report["paths"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "folder": str(out)}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    if report.get("horizon"):
+        report["paths"]["horizon_html"] = horizon_html(report["horizon"], out)
     (out / "report.md").write_text(markdown(report))
-    return report
+
+
+def horizon_samples(sampler, prompt_ids: list[list[int]], policies: list[str], max_tokens: int) -> list[dict]:
+    """A few held-out prompts decoded with `verify` (else the first policy that drafts): the text each
+    forward committed (`chunks`: [step, text]) and how many tokens each forward committed (`widths`)."""
+    from pipeline.decode.sampler import GenerationRequest
+    from pipeline.decode.show import step_chunks
+
+    policy = "verify" if "verify" in policies else next((p for p in policies if p != "ar"), "ar")
+    out = []
+    for ids in prompt_ids:
+        [r] = sampler.generate([GenerationRequest(prompt_ids=ids, policy=policy, max_tokens=min(max_tokens, 64),
+                                                  stop_on_eos=False)])
+        widths = [0] * r.stats.forwards
+        for s in r.stats.step_of_token:
+            widths[s] += 1
+        chunks = step_chunks(sampler.decode, r.token_ids, r.stats.step_of_token, r.text)
+        out.append({"policy": policy, "prompt": sampler.decode(ids)[-300:], "widths": widths,
+                    "chunks": [[s, t] for s, t in chunks]})
+    return out
+
+
+def track_report(cfg, export: str, report: dict) -> None:
+    """The report as an MLflow run (pipeline/train/tracking.py) in the store of the export's folder (the
+    adapt run's, nested under its run): settings as params, headline numbers as metrics, report.json,
+    report.md, horizon.html and the plots as artifacts."""
+    from pipeline.train.tracking import tracked
+
+    with tracked(cfg.train.tracking, Path(export).resolve().parent, "evaluate", report["settings"]) as tracker:
+        if tracker is None:
+            return
+        ce = report["ce"]
+        tracker.log_metrics({"base_ar_ce": ce["base_ar_ce"], "adapted_ar_ce": ce["adapted_ar_ce"],
+                             "ar_ce_change": ce["ar_ce_change"],
+                             **{f"lambada_accuracy_{r['policy']}": r["accuracy"] for r in report["lambada"]},
+                             **{f"tokens_per_forward_{r['policy']}": r["tokens_per_forward"]
+                                for r in report["sampler"]["rows"]}})
+        paths = report["paths"]
+        tracker.log_artifacts([paths["json"], paths["markdown"], paths.get("horizon_html"), *report["plots"]],
+                              "evaluate")
 
 
 def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:

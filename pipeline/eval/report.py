@@ -4,7 +4,9 @@ In:  the report dict that pipeline/eval/evaluate.py builds (keys `ce`, `lambada`
      `settings`) and the rows of a run's `metrics.jsonl`.
 Out: `markdown(report)` → str; `write_plots(report, metrics_rows, folder)` → the PNG paths written:
      ce_by_k.png (draft CE by k, base vs adapted), training.png (training curves),
-     accepted_hist.png (tokens committed per forward, by policy), speed_vs_agreement.png (gamma sweep).
+     accepted_hist.png (tokens committed per forward, by policy), speed_vs_agreement.png (gamma sweep),
+     horizon_widths.png (tokens committed by each forward, for the `horizon` samples); `horizon_html`
+     → horizon.html: each sample's text coloured by the forward that committed it, its widths under it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def markdown(r: dict) -> str:
                          f"{row['speedup_vs_hf']:.2f} | {row['prefix_agreement']:.3f} | {row['match_rate']:.3f} | "
                          f"{row['base_nll']:.3f} |")
         lines.append("")
+    if r.get("horizon"):
+        lines += ["## The horizon, step by step", "", f"{len(r['horizon'])} held-out prompts decoded with "
+                  f"`{r['horizon'][0]['policy']}`; `|` separates the text of successive forwards (coloured in "
+                  "[horizon.html](horizon.html); their widths in horizon_widths.png).", ""]
+        for h in r["horizon"]:
+            lines += ["```", h["prompt"][-120:] + " ⟶ " + "|".join(t for _, t in h["chunks"]), "```", ""]
     if r.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]] + [""]
     return "\n".join(lines)
@@ -104,6 +112,9 @@ def write_plots(r: dict, metrics_rows: list[dict], folder: str | Path) -> list[s
         ax.legend()
         out.append(_save(fig, folder / "accepted_hist.png"))
 
+    if r.get("horizon"):
+        out.append(_horizon_widths(plt, r["horizon"], folder / "horizon_widths.png"))
+
     sweep = r.get("gamma_sweep", [])
     if sweep:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -126,4 +137,49 @@ def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    return str(path)
+
+
+def _horizon_widths(plt, samples: list[dict], path: Path) -> str:
+    fig, axes = plt.subplots(len(samples), 1, figsize=(7, 1.8 * len(samples) + 0.6), squeeze=False)
+    for ax, h in zip(axes[:, 0], samples, strict=True):
+        _widths(ax, h)
+    return _save(fig, path)
+
+
+def _widths(ax, h: dict) -> None:
+    """Tokens committed by each forward of one sample, as bars."""
+    ax.bar(range(len(h["widths"])), h["widths"], width=0.85, color=[COLOURS[i % len(COLOURS)] for i in
+                                                                       range(len(h["widths"]))])
+    ax.set(xlabel="forward", ylabel="tokens", title=f"{h['policy']}: {sum(h['widths'])} tokens in "
+           f"{len(h['widths'])} forwards", ylim=(0, max(h["widths"] + [1]) + 0.5))
+
+
+COLOURS = ("#cfe2ff", "#ffe1b0", "#c8f0c8", "#f3c9f0", "#c4eef2", "#f7c6c6")
+
+
+def horizon_html(samples: list[dict], folder: str | Path) -> str:
+    """horizon.html: per sample, the prompt (grey), then the text each forward committed, coloured by
+    forward as its bar in the plot under it (inline SVG of the widths); hover: the forward and its width."""
+    import html
+    import io
+
+    plt = _plt()
+    parts = ["<!doctype html><meta charset='utf-8'><title>The horizon, step by step</title><style>"
+             "body{font-family:sans-serif;max-width:60em;margin:auto}.t{font-family:monospace;white-space:pre-wrap;"
+             "line-height:1.7}.p{color:#888}</style><h1>The horizon, step by step</h1>"
+             "<p>Each colour is the text one forward of the model committed.</p>"]
+    for i, h in enumerate(samples):
+        spans = "".join(f"<span style='background:{COLOURS[s % len(COLOURS)]}' title='forward {s}: "
+                        f"{h['widths'][s]} tokens'>{html.escape(t)}</span>" for s, t in h["chunks"])  # as its bar
+        fig, ax = plt.subplots(figsize=(7, 1.8))
+        _widths(ax, h)
+        fig.tight_layout()
+        svg = io.StringIO()
+        fig.savefig(svg, format="svg")
+        plt.close(fig)
+        parts.append(f"<h2>Prompt {i + 1}</h2><div class='t'><span class='p'>{html.escape(h['prompt'])}</span>"
+                     f"{spans}</div>{svg.getvalue()[svg.getvalue().find('<svg'):]}")
+    path = Path(folder) / "horizon.html"
+    path.write_text("\n".join(parts) + "\n")
     return str(path)

@@ -207,10 +207,10 @@ class FluidServer:
             if kind == "chat":
                 buf.append(api.sse(api.chunk(kind, rid, model, None, role=True)))
             async for ch in ticket.chunks():
-                extra = {}
+                extra = {"fluid": {"step": ch.step}}  # the forward that committed the chunk's tokens
                 if ch.result is not None:
                     extra["fluid"] = api.fluid_stats(ch.result.stats, queue_time_s=round(ticket.queue_time_s, 4),
-                                                     batch_size=ticket.batch_size)
+                                                     batch_size=ticket.batch_size, step=ch.step)
                 buf.append(api.sse(api.chunk(kind, rid, model, ch.text, ch.finish_reason, **extra)))
                 if ch.result is not None and p.include_usage:
                     u = api.usage(ch.result.prompt_tokens, len(ch.result.token_ids))

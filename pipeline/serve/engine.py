@@ -252,11 +252,11 @@ class Engine:
             t.batch_size = max(t.batch_size, len(events))
             if row.finish is None:
                 if t.stream:
-                    items.append((t, StreamChunk(toks, t.deltas.push(row.new_text))))
+                    items.append((t, StreamChunk(toks, t.deltas.push(row.new_text), step=row.stats.forwards - 1)))
             else:
                 res = self.s.result(row)
                 delta = t.deltas.finish(res.text) if t.stream else res.text
-                items.append((t, StreamChunk(toks, delta, row.finish, res)))
+                items.append((t, StreamChunk(toks, delta, row.finish, res, step=row.stats.forwards - 1)))
         return items, [len(toks) for _, toks in events], dec.kv_entries()
 
     def _dispatch(self, running: list[Ticket], items) -> None:

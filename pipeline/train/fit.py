@@ -77,11 +77,9 @@ def batch_columns(cfg: FluidConfig) -> list[str]:
 def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str | None = None) -> dict:
     """Run the TorchTrainer on prepared datasets; resumes if the run folder holds a checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train.loop import train_loop_per_worker
     from pipeline.train.resume import check_resume, latest_checkpoint, trained_on
+    from pipeline.train.tracking import tracked
 
     run = f"{storage.rstrip('/')}/{cfg.train.run_name}"  # outputs all go under the storage
     export_dir = cfg.train.export_dir or f"{run}/export"
@@ -97,7 +95,26 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
         "eval_batches": cfg.train.eval_batches, "threads": cfg.train.cpus_per_worker,
         "train_blocks": datasets.get("train_blocks"),
     }
-    trainer = TorchTrainer(
+    with tracked(cfg.train.tracking, run, cfg.train.run_name, cfg.to_dict(), resume=True) as tracker:
+        loop_config["tracking"] = tracker.spec() if tracker else None  # rank 0 logs each step
+        result = _trainer(cfg, storage, loop_config).fit()
+        if result.error:
+            raise result.error
+        if tracker:
+            tracker.set_tags({"fluid.export": export_dir, "fluid.run_dir": run})
+            tracker.log_artifacts([f"{run}/{METRICS}"])
+    return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce", "masked_ce")},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
+            "metrics_jsonl": f"{run}/{METRICS}"}
+
+
+def _trainer(cfg: FluidConfig, storage: str, loop_config: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
@@ -109,9 +126,3 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    return {"metrics": {k: v for k, v in (result.metrics or {}).items() if k in ("step", "loss", "ar_ce", "draft_ce", "masked_ce")},
-            "checkpoint": result.checkpoint.path if result.checkpoint else None, "export": export_dir,
-            "metrics_jsonl": f"{run}/{METRICS}"}

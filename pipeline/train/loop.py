@@ -10,8 +10,9 @@ Out: per-step metrics (loss, AR CE, draft CE per k, tokens/s, learning rate, dat
 
 The parts, each small (torchtitan's manner): model set-up (`pipeline.model`), optimizer (`optim`), one
 step (`step`, no Ray), the `Evaluator` (validation loss and `val_verify_tpf`), the `MetricsLog` (JSONL,
-console, and hooks for trackers), the `Checkpointer` (restore and save through Ray Train; what a
-re-submitted run may resume is checked on the driver, `resume`), the export (`export`).
+console, and hooks for trackers: rank 0 logs each step to the driver's MLflow run, `tracking`), the
+`Checkpointer` (restore and save through Ray Train; what a re-submitted run may resume is checked on the
+driver, `resume`), the export (`export`).
 `train_loop_per_worker` is the recipe that wires them.
 
 Determinism and exact resume: each optimizer step consumes the same global batch whatever the
@@ -34,6 +35,7 @@ from pipeline.train.metrics import MetricsLog, quiet_ray_train, say
 from pipeline.train.optim import plan_total_steps
 from pipeline.train.outputs import RunFiles
 from pipeline.train.step import agree, train_step, world
+from pipeline.train.tracking import Tracker
 
 # Metrics-only reports to Ray Train (every step is in metrics.jsonl): a report waits until the Ray Train
 # controller collects the previous one (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
@@ -83,7 +85,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if start_step and rank == 0:
         say(f"[fluid] resumed from checkpoint at step {start_step}")
     run_files = RunFiles(loop_config["run_dir"], rank)  # local, shared mount or object storage
-    log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step)
+    tracker = Tracker.attach(loop_config.get("tracking")) if rank == 0 else None  # MLflow (tracking.py)
+    log = MetricsLog(run_files.metrics_path, rank, resume_step=start_step, hooks=[tracker] if tracker else ())
     evaluator = Evaluator(model, cfg, _validation_rows(loop_config), loop_config, rank=rank, world_size=world_size,
                           device=device, max_batches=int(loop_config.get("eval_batches", 8)))
     if evaluator.enabled and start_step == 0:
@@ -93,6 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   checkpointer=checkpointer, run_files=run_files, elapsed=float(state.get("elapsed_s", 0.0)))
     if evaluator.enabled:
         log.eval(step, evaluator())
+    if tracker:
+        tracker.flush()
     run_files.sync()
     if loop_config.get("export_dir"):
         _export(model, cfg, loop_config, loop_config["export_dir"], step)

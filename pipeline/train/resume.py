@@ -24,7 +24,7 @@ RESUBMIT_MAY_CHANGE = frozenset({
     "model.cache_dir", "data.tokenizer_actors",
     "train.workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures", "train.fail_at_step",
     "train.max_steps", "train.time_budget_s", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.storage_path", "train.run_name", "train.export_dir", "train.verbose", "train.resume",
+    "train.storage_path", "train.run_name", "train.export_dir", "train.verbose", "train.resume", "train.tracking",
     "train.activation_checkpointing",  # recomputes the same activations: memory, not maths
     "train.eval_batches", "train.eval_decode_prompts", "train.eval_decode_tokens", "train.eval_decode_prompt_len",
 })

@@ -78,3 +78,32 @@ def test_batched_greedy_continuation_equals_hf_generate_per_prompt():
                              eos_token_id=1, pad_token_id=1)[0, 4:].tolist()
         ref = ref[: ref.index(1) + 1] if 1 in ref else ref
         assert g == ref
+
+
+def test_distill_job_locally_is_tracked(tmp_path, monkeypatch, capsys):
+    """`fluid distill --local` on a tiny model: the shards and summary, and (mlflow installed) an MLflow run
+    with the settings and the summary in `<distill.output>/mlflow.db`."""
+    import json
+
+    from jobs.distill import main
+    from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "corpus").mkdir()
+    for i in range(6):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(80)))
+    out = tmp_path / "distilled"
+    assert main(["--local", f"--model.spec={tmp_path / 'model'}", f"--model.cache_dir={tmp_path / 'cache'}",
+                 f"--data.corpus={tmp_path / 'corpus'}", f"--distill.output={out}", "--distill.count=4",
+                 "--distill.shard_size=2", "--distill.prompt_len=8", "--distill.new_tokens=4",
+                 "--distill.cpus_per_actor=1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["prompts"] == 4 and summary["shards_written"] == 2
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "distill" and run.info.status == "FINISHED"
+    assert run.data.params["distill.count"] == "4" and run.data.metrics["tokens"] == summary["tokens"]

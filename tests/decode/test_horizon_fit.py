@@ -88,6 +88,14 @@ def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path):
     assert info["mean_k_star"] == 4.0  # tau = 100 admits every full span: K* = K_max
     head = HorizonHead.load(export / HEAD_FILE)
     assert head.k_max == 4 and head.hidden_size == 32
+    try:  # with mlflow installed (train.tracking=auto): a run in the store of the export's folder
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "fit-horizon" and run.data.params["export"] == str(export)
+    assert run.data.metrics["pairs"] == info["pairs"]
     sampler = Sampler.from_export(export)
     result = sampler.generate([GenerationRequest(prompt="the quick brown fox", max_tokens=6, policy="khead",
                                                  gamma=0.0)])[0]

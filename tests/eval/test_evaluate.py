@@ -93,6 +93,7 @@ def _tiny_export(tmp_path):
 
 
 def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import pipeline.sources.eval_data as eval_data
     from pipeline.config import load_config
     from pipeline.eval.evaluate import evaluate
@@ -121,5 +122,34 @@ def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch)
             "speed_vs_agreement.png"} <= names
     md = (out / "report.md").read_text()
     assert "first 2 of 5 153 test items" in md and "| ar |" in md
+    _check_horizon_figure(r, out, md)
+    _check_tracked(export.parent, r)
     with pytest.raises(FluidError, match="not a FLUID export"):
         evaluate(cfg, str(tmp_path), log=lambda m: None)
+
+
+def _check_horizon_figure(r: dict, out, md: str) -> None:
+    """A few held-out prompts, their text cut by forward (report.md, horizon.html) and each forward's width
+    (horizon_widths.png, and inline under each text in horizon.html)."""
+    import html
+
+    assert len(r["horizon"]) == 2 and {h["policy"] for h in r["horizon"]} == {"verify"}
+    assert r["paths"]["horizon_html"] == str(out / "horizon.html") and str(out / "horizon_widths.png") in r["plots"]
+    page = (out / "horizon.html").read_text()
+    assert page.count("<svg") == 2 and "## The horizon, step by step" in md
+    for h in r["horizon"]:
+        assert sum(h["widths"]) == r["settings"]["max_tokens"] and all(w >= 1 for w in h["widths"])
+        assert [s for s, _ in h["chunks"]] == sorted({s for s, _ in h["chunks"]})
+        assert "|".join(t for _, t in h["chunks"]) in md
+        assert all(html.escape(t) in page for _, t in h["chunks"])
+
+
+def _check_tracked(run_dir, r: dict) -> None:
+    """With mlflow installed (train.tracking=auto), the report is an MLflow run in the run folder's store."""
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"
+    assert run.data.metrics["ar_ce_change"] == pytest.approx(r["ce"]["ar_ce_change"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert {"evaluate/report.md", "evaluate/horizon.html", "evaluate/horizon_widths.png"} <= names

@@ -359,6 +359,22 @@ def test_server_routes_without_auth(client):
         assert r.status_code == status and r.json()["error"]["code"] == code
 
 
+def test_stream_chunks_carry_their_step_and_the_openai_client_parses_them(client):
+    """Each SSE chunk names the forward that committed its tokens (`fluid.step`, an extension field the
+    official client keeps as an extra without failing)."""
+    openai = pytest.importorskip("openai")
+    body = {"model": "tiny", "prompt": "the quick brown", "max_tokens": 12, "temperature": 0, "policy": "verify",
+            "ignore_eos": True}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(x[6:]) for x in s.iter_lines() if x and x != "data: [DONE]"]
+    assert [c["fluid"]["step"] for c in chunks] == list(range(len(chunks)))  # one chunk per forward
+    oa = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
+    parsed = list(oa.completions.create(**{k: v for k, v in body.items() if k not in ("policy", "ignore_eos")},
+                                        stream=True, extra_body={"policy": "verify", "ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in parsed) == "".join(c["choices"][0]["text"] for c in chunks)
+    assert [(c.model_extra or {})["fluid"]["step"] for c in parsed] == list(range(len(chunks)))
+
+
 @pytest.mark.parametrize("body,param,code", [
     (b"{not json", None, "invalid_json"),
     (b"[1, 2]", None, "invalid_type"),

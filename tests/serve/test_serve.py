@@ -130,6 +130,7 @@ def test_streaming_matches_non_streamed(server, path, body):
     else:
         assert "".join(e["choices"][0]["text"] for e in events) == ref["choices"][0]["text"]
     assert len(events) == events[-1]["fluid"]["forwards"]  # one chunk per decoding step
+    assert [e["fluid"]["step"] for e in events] == list(range(len(events)))  # the step that committed it
     assert events[-1]["choices"][0]["finish_reason"] == ref["choices"][0]["finish_reason"]
 
 

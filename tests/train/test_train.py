@@ -119,6 +119,23 @@ def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path,
 
     pretrained = make_tiny_llama(tiny_resolved.mask_token_id).state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.allclose(weights["model.layers.0.mlp.up_proj.weight"], pretrained, atol=0.05)  # random init
+    _check_tracked(tmp_path / "runs" / "bidir", metrics, result)
+
+
+def _check_tracked(run_dir, metrics, result):
+    """With mlflow installed (train.tracking=auto): the driver's MLflow run got the config, rank 0's
+    per-step metrics through the MetricsLog hook, the export and metrics.jsonl."""
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.params["noise.mode"] == "bidirectional"
+    assert run.data.tags["fluid.export"] == result["export"]
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    steps = [m for m in metrics if "event" not in m]
+    assert [st for st, _ in loss] == [m["step"] for m in steps]
+    assert [v for _, v in loss] == pytest.approx([m["loss"] for m in steps])
+    assert len(client.get_metric_history(run.info.run_id, "val_masked_ce")) == 2
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.jsonl"]
 
 
 def test_resume_checks_what_was_trained_on(ray_local, tmp_path, tiny_resolved, capfd):
