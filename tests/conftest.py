@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub in tests: offline errors come at once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow (a dev dependency) would give every adapt/evaluate test a SQLite store and its migrations (~5 s
+# each); the tracking tests turn it back on themselves (fixture `tracking_on`).
+os.environ.setdefault("FLUID_TRACKING", "off")
 # Tiny models train in milliseconds per step and the tests checkpoint every step: each checkpoint report
 # waits for the Ray Train controller's next poll (2 s by default), and so does the end of every run.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -82,3 +85,10 @@ def ray_local():
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:9"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def tracking_on(monkeypatch):
+    """train.tracking=auto tracks again in this test (the suite switches it off, see above)."""
+    monkeypatch.delenv("FLUID_TRACKING", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

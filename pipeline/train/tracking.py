@@ -1,7 +1,9 @@
 """Experiment tracking with MLflow (optional: `pip install 'fluid-on-ray[tracking]'`). No Ray.
 
-In:  `train.tracking` (`auto`: on when mlflow is importable; `mlflow`: required; `off`), the environment's
-     `MLFLOW_TRACKING_URI` / `MLFLOW_EXPERIMENT_NAME`, and a job's folder (the run folder of `fluid adapt`).
+In:  `train.tracking` (`auto`: on when mlflow is importable, unless the environment says
+     `FLUID_TRACKING=off` — a switch for CI and test suites that install mlflow; `mlflow`: required; `off`),
+     the environment's `MLFLOW_TRACKING_URI` / `MLFLOW_EXPERIMENT_NAME`, and a job's folder (the run folder
+     of `fluid adapt`).
 Out: `Tracker`: one MLflow run, written through `MlflowClient` (no global active run, so a Ray Train
      worker and the driver can share it): params (a config, flattened), metrics with their step (rank 0's
      `MetricsLog` hook, batched), tags and artifacts. The default store is a SQLite file in the job's
@@ -28,6 +30,7 @@ DB_FILE = "mlflow.db"
 ARTIFACTS = "mlartifacts"  # next to DB_FILE in the default store
 EXPERIMENT = "fluid"
 MODES = ("auto", "mlflow", "off")
+ENV_SWITCH = "FLUID_TRACKING"  # "off": `auto` tracks nothing (an explicit train.tracking=mlflow still does)
 
 
 def available() -> bool:
@@ -39,7 +42,7 @@ def tracking_uri(mode: str, folder: str | Path | None) -> str | None:
     `folder` (a local folder only: a run folder on object storage needs `MLFLOW_TRACKING_URI`)."""
     if mode not in MODES:
         raise FluidError(f"train.tracking must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off":
+    if mode == "off" or (mode == "auto" and os.environ.get(ENV_SWITCH, "").lower() == "off"):
         return None
     if not available():
         if mode == "mlflow":

@@ -56,7 +56,7 @@ def test_fold_normalisation_matches_normalised_input():
 
 
 @pytest.mark.ray
-def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path):
+def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path, tracking_on):
     from jobs.fit_horizon import HEAD_FILE, main
     from pipeline.decode.sampler import GenerationRequest, Sampler
     from pipeline.export_format import read_fluid_meta
@@ -88,10 +88,8 @@ def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path):
     assert info["mean_k_star"] == 4.0  # tau = 100 admits every full span: K* = K_max
     head = HorizonHead.load(export / HEAD_FILE)
     assert head.k_max == 4 and head.hidden_size == 32
-    try:  # with mlflow installed (train.tracking=auto): a run in the store of the export's folder
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        return
+    from mlflow.tracking import MlflowClient  # train.tracking=auto: a run in the store of the export's folder
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "fit-horizon" and run.data.params["export"] == str(export)

@@ -362,7 +362,7 @@ def test_server_routes_without_auth(client):
 def test_stream_chunks_carry_their_step_and_the_openai_client_parses_them(client):
     """Each SSE chunk names the forward that committed its tokens (`fluid.step`, an extension field the
     official client keeps as an extra without failing)."""
-    openai = pytest.importorskip("openai")
+    import openai
     body = {"model": "tiny", "prompt": "the quick brown", "max_tokens": 12, "temperature": 0, "policy": "verify",
             "ignore_eos": True}
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:

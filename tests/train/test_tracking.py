@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow  # noqa: E402
 import pytest
 
 from pipeline.config import FluidConfig
@@ -12,7 +13,7 @@ from pipeline.errors import FluidError
 from pipeline.train import tracking
 from pipeline.train.metrics import MetricsLog
 
-mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.usefixtures("tracking_on")
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +104,9 @@ def test_a_failing_store_does_not_stop_the_job(tmp_path, capsys):
         t.set_tags({"k": "v"})
     assert not t.on
     assert "tracking off" in capsys.readouterr().err
+
+
+def test_the_environment_switch_turns_auto_off_but_not_an_explicit_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.ENV_SWITCH, "off")
+    assert tracking.tracking_uri("auto", tmp_path) is None
+    assert tracking.tracking_uri("mlflow", tmp_path) == f"sqlite:///{tmp_path.resolve() / tracking.DB_FILE}"

@@ -103,7 +103,7 @@ def test_resubmitted_run_on_two_workers_matches_uninterrupted(ray_local, tmp_pat
     assert evals == [(0, 4 * 32), (4, 3 * 32)]  # 1 worker, 4 prompts; then 2 + 1 prompts over two ranks
 
 
-def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path, tiny_resolved):
+def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path, tiny_resolved, tracking_on):
     corpus = _corpus(tmp_path / "corpus")
     weights, metrics, result = _run(tmp_path, "bidir", tiny_resolved, corpus, "--noise.mode=bidirectional",
                                     "--train.anneal_steps=2", "--train.from_scratch=true", "--train.max_steps=3",
@@ -125,7 +125,7 @@ def test_bidirectional_baseline_with_annealing_from_scratch(ray_local, tmp_path,
 def _check_tracked(run_dir, metrics, result):
     """With mlflow installed (train.tracking=auto): the driver's MLflow run got the config, rank 0's
     per-step metrics through the MetricsLog hook, the export and metrics.jsonl."""
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
     assert run.info.status == "FINISHED" and run.data.params["noise.mode"] == "bidirectional"
