@@ -10,19 +10,19 @@ Two layouts of a `verify` step with horizon K (D = K − 1 drafts pending, b_1 e
 * *chain*: the pending block [b_1 … b_K] then one span of D masks after b_K. If every draft passes,
   the masks' outputs are the next drafts; after a rejection the next step only drafts again
   (width K). Width 2K − 1.
-* *tree*: the same block, then one span of D masks anchored at each b_i (span i sees b_1 … b_i only:
+* *spans*: the same block, then one span of D masks anchored at each b_i (span i sees b_1 … b_i only:
   the two-stream layout of training). Whatever the verdict m, the span anchored at b_{m+1} — the last
   committed token — holds the next drafts, so no step is spent drafting after a rejection. Width K².
 With a_j the probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the
 expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rates are
 
-    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   tree(K) = (1 + S) / (m · c(K²)),
+    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   spans(K) = (1 + S) / (m · c(K²)),
     rate(1) = 1 / c(1),
 
-tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a tree has
-several spans, so the model cannot take its built-in causal path, e.g. a fused causal kernel; measured
+tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a spans step
+has several spans, so the model cannot take its built-in causal path, e.g. a fused causal kernel; measured
 at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU
-with matrix units) the tree wins: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
+with matrix units) spans win: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width, so widths are priced at least at the width the batch has
 anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
@@ -56,11 +56,11 @@ from pipeline.errors import FluidError
 from pipeline.model.attention import to_additive
 from pipeline.model.causal_lm import cache_kwarg
 
-LAYOUTS = ("chain", "tree")
-# The tree's width grows as K²: beyond K = 8 (64 tokens, 56 of them masks) the last drafts add little
+LAYOUTS = ("chain", "spans")
+# The spans layout's width grows as K²: beyond K = 8 (64 tokens, 56 of them masks) the last drafts add little
 # (acceptance compounds) while a step's transient KV entries and mask grow quadratically.
-TREE_MAX_K = 8
-# 3 is the chain's width at K = 2 and 4 the tree's; CPU BLAS kernels often jump between them
+SPANS_MAX_K = 8
+# 3 is the chain's width at K = 2 and 4 the spans layout's; CPU BLAS kernels often jump between them
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -69,7 +69,7 @@ class ForwardCost:
 
     Built from a list (costs of widths 1, 2, 3, …) or a {width: cost} mapping; made non-decreasing,
     linearly interpolated between given widths and extrapolated beyond the last with the last slope.
-    `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a tree step:
+    `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a spans step:
     several spans), which the model cannot run on its built-in causal path."""
 
     def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float = 1.0):
@@ -127,6 +127,10 @@ class ForwardCost:
 def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
     """The step layouts greedy verify may use, checked: a non-empty subset of LAYOUTS."""
     out = tuple(layouts)
+    if "tree" in out:
+        raise FluidError("the verify layout 'tree' was renamed 'spans' (a span of masks anchored at every "
+                         "pending token); the candidate tree (top-k drafts verified in one forward) is "
+                         "'candidates'")
     if not out or any(x not in LAYOUTS for x in out):
         raise FluidError(f"verify layouts must be a non-empty subset of {', '.join(LAYOUTS)}, got {list(out)}")
     return out
@@ -136,14 +140,14 @@ def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
 def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 32, repeats: int = 3,
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
-    interleaved rounds), relative to width 1, and the factor a tree step pays for its explicit mask
-    (widths 4 and 9 — trees of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
+    interleaved rounds), relative to width 1, and the factor a spans step pays for its explicit mask
+    (widths 4 and 9 — spans steps of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
     cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
-    tree_widths = (4, 9)
-    times = time_widths(model, sorted(set(widths) | set(tree_widths)), **kw)  # the plain tree steps too
-    masked = time_widths(model, tree_widths, explicit_mask=True, **kw)
-    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in tree_widths)
+    spans_widths = (4, 9)
+    times = time_widths(model, sorted(set(widths) | set(spans_widths)), **kw)  # the plain spans steps too
+    masked = time_widths(model, spans_widths, explicit_mask=True, **kw)
+    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in spans_widths)
     return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=max(1.0, factor))
 
 
@@ -155,7 +159,7 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
     token (`token_id`), a wider step one clean token then w − 1 masks (`mask_token_id`; a frozen-base
     drafter's adapter runs only where masks are: ~200 extra small matrix products per forward for
     SmolLM2, which a step with masks pays and an AR step does not). `explicit_mask`: pass the causal
-    mask as a 4-D attention mask, as the decoder must for a tree step."""
+    mask as a 4-D attention mask, as the decoder must for a spans step."""
     from transformers import DynamicCache
 
     from pipeline.decode import kvcache
@@ -204,9 +208,9 @@ class CostAwareHorizon:
     `floor`: the width the batch has anyway) and `update(k_used, accepted)` with each verdict
     (k_used − 1 drafts tested, accepted − 1 of them accepted; k_used = 1 for a step that tested none).
     `probing` says whether the drafts of the step just planned are only to be observed (a probe),
-    `tree` whether its masks form one span per pending token (else one span after the block; the tree
-    is considered up to K = TREE_MAX_K).
-    `layouts` limits the layouts it may choose ("chain", "tree")."""
+    `spans` whether its masks form one span per pending token (else one span after the block; the
+    spans layout is considered up to K = SPANS_MAX_K).
+    `layouts` limits the layouts it may choose ("chain", "spans")."""
 
     def __init__(self, cap: int, cost: ForwardCost, *, prior: float = 0.5, prior_weight: float = 1.0,
                  decay: float = 0.9, margin: float = 0.05, probe_budget: float = 0.1, probe_cap: int = 8,
@@ -220,9 +224,9 @@ class CostAwareHorizon:
         self.tries = [0.0] * self.cap
         self.share = probe_share
         self.wait = 1e9  # AR steps since the last probe: the first one is due at once (along the prompt)
-        self.plan, self.plan_tree = self.best()  # K (and layout) at a width floor of 1
+        self.plan, self.plan_spans = self.best()  # K (and layout) at a width floor of 1
         self.probing = False
-        self.tree = False
+        self.spans = False
 
     @property
     def k(self) -> int:
@@ -244,14 +248,14 @@ class CostAwareHorizon:
         for k, a in enumerate(self.acceptance(), start=2):
             surv *= a
             s += surv
-            if layout == "tree":
-                out.append((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= TREE_MAX_K else 0.0)
+            if layout == "spans":
+                out.append((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= SPANS_MAX_K else 0.0)
             else:
                 out.append((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))))
         return out
 
     def best(self, floor: int = 1) -> tuple[int, bool]:
-        """(K, tree) of the highest rate over the allowed layouts; K = 1 unless that rate beats AR's by
+        """(K, spans) of the highest rate over the allowed layouts; K = 1 unless that rate beats AR's by
         the margin."""
         top, top_rate = (1, False), 0.0
         ar = 1.0 / self.cost(max(1, floor))
@@ -259,17 +263,17 @@ class CostAwareHorizon:
             r = self.rates(floor, layout)
             k = max(range(len(r)), key=r.__getitem__) + 1
             if r[k - 1] > top_rate:
-                top, top_rate = (k, layout == "tree"), r[k - 1]
+                top, top_rate = (k, layout == "spans"), r[k - 1]
         return top if top[0] > 1 and top_rate >= (1.0 + self.margin) * ar else (1, False)
 
     def choose(self, clean: int = 1, floor: int = 1) -> int:
         """The horizon of the next step, for a row feeding `clean` tokens in a batch at least `floor`
         wide. Sets `probing` when the step's drafts are only to be observed: when drafts do not pay
         but a probe is due (within `probe_budget` extra cost), or its masks cost nothing extra; and
-        `tree` when the step's masks form one span per pending token."""
-        self.probing = self.tree = False
+        `spans` when the step's masks form one span per pending token."""
+        self.probing = self.spans = False
         if self.plan > 1:
-            k, self.tree = self.best(floor)
+            k, self.spans = self.best(floor)
             return k
         if self.cap == 1:
             return 1
@@ -292,7 +296,7 @@ class CostAwareHorizon:
         for j in range(1, min(drafts, good + 1, self.cap - 1) + 1):  # tested: 1…good, and good + 1 if rejected
             self.hits[j] = self.decay * self.hits[j] + (1.0 if j <= good else 0.0)
             self.tries[j] = self.decay * self.tries[j] + 1.0
-        self.plan, self.plan_tree = self.best()
+        self.plan, self.plan_spans = self.best()
         if self.plan == 1 and good == 0:
             self.share = max(self.min_share, self.share / 2)  # nothing passed: probe half as often
         elif good > 0:

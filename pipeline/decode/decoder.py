@@ -3,7 +3,7 @@ Plain torch + transformers, no Ray.
 
 Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
 step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens
-whose positions continue the sequence — for a cost-aware `tree` step (cost_model.py) one such span
+whose positions continue the sequence — for a cost-aware `spans` step (cost_model.py) one such span
 anchored at each b_i, seeing b_1 … b_i only (the two-stream rule of training), so the drafts after
 any verdict are ready. The output at the last clean token is the exact AR prediction; the masks'
 outputs are the drafts. After committing (policies.py), the mask and rejected entries — the tail of
@@ -192,9 +192,9 @@ class _Decoder:
 
     def _anchors(self, row: _Row, k: int) -> list[int]:
         """Indices in `row.feed` that the step's mask spans (k − 1 masks each) are anchored at: one per
-        pending token for a cost-aware `tree` step (cost_model.py), otherwise the last token only."""
+        pending token for a cost-aware `spans` step (cost_model.py), otherwise the last token only."""
         last = len(row.feed) - 1
-        if k > 1 and isinstance(row.horizon, CostAwareHorizon) and row.horizon.tree:
+        if k > 1 and isinstance(row.horizon, CostAwareHorizon) and row.horizon.spans:
             return list(range(last - row.n_drafts, last + 1))
         return [last]
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.config import NoiseConfig
-from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate, check_layouts
+from pipeline.decode.cost_model import LAYOUTS, SPANS_MAX_K, ForwardCost, calibrate, check_layouts
 from pipeline.decode.decoder import (
     GenerationResult,
     GenerationStats,
@@ -95,9 +95,9 @@ class Sampler:
     @property
     def step_masks(self) -> int:
         """The most mask tokens one row feeds in one step (transient KV entries, cropped after it):
-        k_max − 1 for a chain, K·(K − 1) for a tree of K = min(k_max, TREE_MAX_K)."""
-        tree = min(self.k_max, TREE_MAX_K) if "tree" in self.verify_layouts else 0
-        return max(self.k_max - 1, tree * (tree - 1))
+        k_max − 1 for a chain, K·(K − 1) for spans of K = min(k_max, SPANS_MAX_K)."""
+        spans = min(self.k_max, SPANS_MAX_K) if "spans" in self.verify_layouts else 0
+        return max(self.k_max - 1, spans * (spans - 1))
 
     @property
     def forward_cost(self) -> ForwardCost:

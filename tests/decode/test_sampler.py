@@ -129,11 +129,11 @@ def test_verify_horizon_opens_with_flat_forward_cost_and_waits_on_cpu(model, tok
     assert out["flat"] > 1.3 and out["cpu"] < 1.1, out
 
 
-def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monkeypatch):
+def test_verify_spans_layout_drafts_after_every_verdict(model, tok, mask_id, monkeypatch):
     """Free widths: a span of masks at every pending token means a rejection costs no drafting step,
     so the same drafts commit more per forward than with the chain; output and cache stay exact."""
     tpf, layouts_seen = {}, {}
-    for layouts in (("chain",), ("chain", "tree")):
+    for layouts in (("chain",), ("chain", "spans")):
         s = Sampler(model, tok, mask_token_id=mask_id, k_max=6, forward_cost=[1.0], verify_layouts=layouts)
         ref = ar_tokens(s, PROMPTS, n=50)
         _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.4,
@@ -153,10 +153,12 @@ def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monk
         layouts_seen[layouts] = max(n for _, n in widths)
         out = s.generate([req(p, policy="verify", max_tokens=50) for p in PROMPTS])
         assert [r.token_ids for r in out] == ref, layouts
-    assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "tree")] > 2
-    assert tpf[("chain", "tree")] > 1.15 * tpf[("chain",)], tpf
+    assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "spans")] > 2
+    assert tpf[("chain", "spans")] > 1.15 * tpf[("chain",)], tpf
     with pytest.raises(FluidError, match="verify layouts must be"):
         Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("star",))
+    with pytest.raises(FluidError, match="renamed 'spans'"):
+        Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("tree",))
 
 
 @pytest.mark.parametrize("policy,gamma", [("fixed", 1.5), ("threshold", 1.01), ("khead", 2.0), ("entropy", -1e-6)])
@@ -207,11 +209,11 @@ def test_batched_equals_unbatched(sampler, tok, monkeypatch):
             assert a.stats.forwards == b.stats.forwards
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["cpu-cost", "flat-cost-tree"])
+@pytest.mark.parametrize("flat", [False, True], ids=["cpu-cost", "flat-cost-spans"])
 def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch, flat):
     """Continuous batching: rows join a running decoder between steps (their prompts prefilled apart,
     then joined to the cache) and leave when done; every row gets exactly its unbatched output (with
-    free widths greedy verify steps use the tree layout: rows with several mask spans in one batch)."""
+    free widths greedy verify steps use the spans layout: rows with several mask spans in one batch)."""
     if flat:
         sampler = Sampler(model, tok, mask_token_id=sampler.mask_token_id, k_max=8,
                           horizon_head=sampler.horizon_head, forward_cost=[1.0])
@@ -279,7 +281,7 @@ def test_elastic_policies_fall_back_to_ar(sampler, tok, monkeypatch, policy):
     # commits exactly its one AR token, so both outputs are the greedy AR output
     assert res.token_ids == ref[0]
     assert res.stats.accepted_hist == {1: 150}, res.stats
-    # verify: the prior's first (tree) horizon, then a few one-mask probes
+    # verify: the prior's first (spans) horizon, then a few one-mask probes
     assert res.stats.forwards == 150 and res.stats.mask_tokens <= 16, res.stats
 
 
