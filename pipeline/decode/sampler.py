@@ -14,13 +14,7 @@ import torch
 
 from pipeline.config import NoiseConfig
 from pipeline.decode.cost_model import LAYOUTS, SPANS_MAX_K, ForwardCost, calibrate, check_layouts
-from pipeline.decode.decoder import (
-    GenerationResult,
-    GenerationStats,
-    StreamChunk,
-    _Decoder,
-    _Row,
-)
+from pipeline.decode.decoder import _Decoder
 from pipeline.decode.detok import TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.matmul import current_matmul
@@ -30,6 +24,7 @@ from pipeline.decode.policies import (
     Resolved,
     resolve,
 )
+from pipeline.decode.rows import GenerationResult, GenerationStats, StreamChunk, _Row
 from pipeline.errors import FluidError
 from pipeline.model.causal_lm import cache_kwarg
 
