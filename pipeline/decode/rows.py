@@ -52,6 +52,9 @@ class _Row:
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
+        self.parents: list[int] = []  # their tree (candidates.py; a chain unless a candidate tree)
+        self.leaf = -1  # the draft node a single span of masks is anchored at (the chain's last draft)
+        self.tops: list[list[int]] = []  # the drafter's ranked candidates per draft depth (cost-aware rows)
         self.draft_q: list[torch.Tensor] = []  # their proposal distributions (verify, temperature > 0)
         self.pos = 0  # this row's tokens in the cache = position of feed[0]
         self.generated: list[int] = []

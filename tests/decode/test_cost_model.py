@@ -41,7 +41,7 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
     for cost in (CPU, FLAT):
         h = CostAwareHorizon(16, cost)
         _observe(h, 0.0, 30, 8)
-        assert h.plan == 1 and h.best() == (1, False)
+        assert h.plan == 1 and h.best() == (1, "chain", 0)
         # only a probe's drafts may ride along: none at CPU costs; with free widths the masks of a
         # full probe (probe_cap) cost nothing, and their drafts are only observed
         want = (1, False) if cost is CPU else (h.probe_cap, True)
@@ -50,12 +50,12 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
 
 def test_flat_cost_opens_the_horizon_where_cpu_waits_for_acceptance_to_pay():
     flat = CostAwareHorizon(16, FLAT)
-    assert (flat.plan, flat.plan_spans) == (SPANS_MAX_K, True)  # prior acceptance 0.5: free masks are worth trying
+    assert (flat.plan, flat.plan_layout) == (SPANS_MAX_K, "spans")  # prior acceptance 0.5: free masks are worth trying
     # the same prior does not pay for the chain's 1.6x forwards; the spans' width 9 (K = 3, 1.64 AR
     # steps) commits 1 + 0.5 + 0.25 tokens: 1.07 x AR, just past the 5 % margin
     assert CostAwareHorizon(16, CPU, layouts=("chain",)).plan == 1
     cpu = CostAwareHorizon(16, CPU)
-    assert (cpu.plan, cpu.plan_spans) == (3, True)
+    assert (cpu.plan, cpu.plan_layout) == (3, "spans")
     flat, cpu = CostAwareHorizon(16, FLAT), CostAwareHorizon(16, CPU)
     for h in (flat, cpu):
         _observe(h, 0.3, 40, 6)
@@ -69,7 +69,7 @@ def test_cheap_narrow_widths_pick_the_chain_wide_free_widths_the_spans():
     """A CPU whose BLAS is flat up to 3 rows and jumps at 4 (this project's fp32 CPUs): the chain at
     K = 2 (width 3) is the only horizon that pays for moderate acceptance; free widths take the spans."""
     narrow = ForwardCost({1: 1.0, 2: 1.0, 3: 1.07, 4: 1.52, 8: 1.8, 16: 1.95, 32: 2.3})
-    for cost, want in ((narrow, (2, False)), (FLAT, (8, True))):
+    for cost, want in ((narrow, (2, "chain", 0)), (FLAT, (8, "spans", 0))):
         h = CostAwareHorizon(8, cost, prior_weight=1e9)
         h.acceptance = lambda: [0.5] * 7
         assert h.best() == want, cost

@@ -56,7 +56,8 @@ def test_verify_equals_ar_with_untrained_mask(sampler):
 
 def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
     """Make verify's drafts come from the AR reference with random errors (tests acceptance paths).
-    `by_position`: whether a draft is wrong depends only on its position, not on the call order."""
+    `by_position`: whether a draft is wrong depends only on its position, not on the call order.
+    The drafter has no other candidates (one token per position), so candidate trees stay closed."""
     rng = random.Random(seed)
 
     def wrong(pos):
@@ -70,7 +71,12 @@ def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
             out.append((t + 1) % 250 + 3 if wrong(start + j) else t)
         return out
 
+    def candidates(self, row, masks, start):
+        ref = refs[tuple(row.r.prompt_ids)]
+        return [[ref[i] if i < len(ref) else 7] for i in range(start, start + masks.shape[0])], [[1.0]] * len(masks)
+
     monkeypatch.setattr(_Decoder, "_propose", propose)
+    monkeypatch.setattr(_Decoder, "_candidates", candidates)
 
 
 @pytest.mark.parametrize("error_rate", [0.0, 0.25])
