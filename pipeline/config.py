@@ -237,7 +237,7 @@ class ServeConfig:
     """Allow custom model code from the export folder (only for exports you trust)."""
     max_kv_tokens: int = 0
     """KV budget per replica in cached token positions, the sum over admitted requests of prompt + max_tokens
-    + the masks one step feeds (k_max − 1, or K·(K − 1) for a tree step) + 1; 0 = room for 8 full-context
+    + the masks one step feeds (k_max − 1, or K·(K − 1) for a spans step) + 1; 0 = room for 8 full-context
     requests, or many more short ones."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0

@@ -55,9 +55,9 @@ def plan_table(cost: ForwardCost, cap: int) -> list[tuple]:
         for c in (cost, CPU_REFERENCE):
             h = CostAwareHorizon(cap, c)
             h.acceptance = lambda a=a: [a] * (cap - 1)
-            k, tree = h.best()
-            r = h.rates(layout="tree" if tree else "chain")
-            out += [f"{k}{' tree' if tree else ''}", r[k - 1] / r[0]]
+            k, layout, _nodes = h.best()
+            r = h.rates(layout=layout)
+            out += [f"{k}{'' if layout == 'chain' else ' ' + layout}", r[k - 1] / r[0]]
         rows.append(tuple(out))
     return rows
 

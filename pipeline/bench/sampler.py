@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.decode.cost_model import check_layouts
+from pipeline.decode.cost_model import LAYOUTS, check_layouts
 from pipeline.decode.dtype import DTYPES, inference_dtype
 from pipeline.decode.matmul import MATMUL_LAYOUTS, apply_matmul, set_matmul
 from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
@@ -58,8 +58,11 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--stop-on-eos", action="store_true", help="stop at EOS (default: fixed lengths)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
-    p.add_argument("--verify-layouts", default="chain,tree",
-                   help="step layouts greedy verify may use: chain, tree or both (docs/method.md §8)")
+    p.add_argument("--verify-layouts", default=",".join(LAYOUTS),
+                   help=f"step layouts greedy verify may choose among: {', '.join(LAYOUTS)} (docs/method.md §8)")
+    p.add_argument("--each-layout", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time verify restricted to each layout alone (rows verify[chain], …; default: on "
+                        "with --model-dir)")
     p.add_argument("--matmul", choices=("auto", *MATMUL_LAYOUTS), default="auto",
                    help="operand order of narrow products (pipeline/decode/matmul.py; auto: the faster here). "
                         "HF generate runs on the same modules; with a non-stock layout it is also timed "
@@ -91,6 +94,8 @@ def resolve_defaults(args) -> None:
         args.max_tokens = STANDING_TOKENS if real else 64
     if args.corpus_prompts is None:
         args.corpus_prompts = STANDING_PROMPTS if real and not args.prompts else 0
+    if args.each_layout is None:
+        args.each_layout = real
     if args.dtype is None or args.dtype == "auto":
         args.dtype = "float32" if not real else str(inference_dtype("auto", args.device, args.model_dir)).split(".")[-1]
 
@@ -164,6 +169,8 @@ def prepare(args) -> Bench:
         policies.remove("khead")
     if "ar" not in policies:
         policies.insert(0, "ar")
+    if args.each_layout and "verify" in policies and len(sampler.verify_layouts) > 1:
+        policies += [f"verify[{x}]" for x in sampler.verify_layouts]  # verify held to one layout each
     prompt_ids = [sampler.encode(x) for x in prompts]
     return Bench(args, sampler, prompts, prompt_ids, policies, gammas, sampler.matmul)
 
@@ -171,7 +178,7 @@ def prepare(args) -> Bench:
 def requests(b: Bench, policy: str) -> list[GenerationRequest]:
     g = float(b.gammas[policy]) if policy in b.gammas else None
     a = b.args
-    return [GenerationRequest(prompt_ids=ids, policy=policy, gamma=g, max_horizon=a.max_horizon,
+    return [GenerationRequest(prompt_ids=ids, policy=policy.split("[")[0], gamma=g, max_horizon=a.max_horizon,
                               max_tokens=a.max_tokens, stop_on_eos=a.stop_on_eos) for ids in b.prompt_ids]
 
 
@@ -188,15 +195,26 @@ def run_method(b: Bench, method: str) -> tuple[float, float, list[list[int]], li
             toks, res = hf_generate(sampler, b.prompt_ids, a.max_tokens, a.stop_on_eos), None
         finally:
             set_matmul(sampler.model, b.layout)
-    elif a.batch:
-        res = sampler.generate(requests(b, method))
-        toks = [r.token_ids for r in res]
     else:
-        res = [sampler.generate([q])[0] for q in requests(b, method)]
+        res = _generate(b, method)
         toks = [r.token_ids for r in res]
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = sum(len(t) for t in toks)
     return n / dt, n / max(cpu, 1e-9), toks, res
+
+
+def _generate(b: Bench, method: str) -> list:
+    """The sampler's results for every prompt with `method`: a policy, or verify[LAYOUT] (verify allowed
+    that one step layout only)."""
+    sampler, saved = b.sampler, b.sampler.verify_layouts
+    if method.startswith("verify["):
+        sampler.verify_layouts = (method[len("verify["):-1],)
+    try:
+        if b.args.batch:
+            return sampler.generate(requests(b, method))
+        return [sampler.generate([q])[0] for q in requests(b, method)]
+    finally:
+        sampler.verify_layouts = saved
 
 
 def time_rounds(b: Bench) -> None:

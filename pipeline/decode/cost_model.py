@@ -6,26 +6,45 @@ In:  a forward-cost table (`ForwardCost`: the time of one forward by its width i
 Out: per row, the horizon K of the next step that maximises expected committed tokens per unit of
      forward cost (`CostAwareHorizon.choose`), K = 1 (a plain AR step) when drafts do not pay.
 
-Two layouts of a `verify` step with horizon K (D = K − 1 drafts pending, b_1 exact):
+Four layouts of a `verify` step with horizon K (D = K − 1 masks per span, b_1 exact):
 * *chain*: the pending block [b_1 … b_K] then one span of D masks after b_K. If every draft passes,
   the masks' outputs are the next drafts; after a rejection the next step only drafts again
   (width K). Width 2K − 1.
-* *tree*: the same block, then one span of D masks anchored at each b_i (span i sees b_1 … b_i only:
+* *spans*: the same block, then one span of D masks anchored at each b_i (span i sees b_1 … b_i only:
   the two-stream layout of training). Whatever the verdict m, the span anchored at b_{m+1} — the last
   committed token — holds the next drafts, so no step is spent drafting after a rejection. Width K².
+* *candidates*: the pending drafts are a candidate tree of n nodes (candidates.py: the most likely
+  paths over the drafter's top tokens at D depths) under a tree mask, then one span of D masks after
+  its most likely leaf: if the walk ends there the next tree is ready, else the next step only drafts
+  (the chain is the one-path tree). Width 1 + n + D.
+* *spans+candidates*: the tree, and a span of D masks after the root and after every node: the next
+  tree is ready whatever the verdict. Width 1 + n + (n + 1)·D.
 With a_j the probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the
 expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rates are
 
-    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   tree(K) = (1 + S) / (m · c(K²)),
+    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   spans(K) = (1 + S) / (m · c(K²)),
     rate(1) = 1 / c(1),
 
-tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a tree has
-several spans, so the model cannot take its built-in causal path, e.g. a fused causal kernel; measured
+tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a spans or
+tree step cannot take the model's built-in causal path, e.g. a fused causal kernel; measured
 at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU
-with matrix units) the tree wins: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
+with matrix units) spans win: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width, so widths are priced at least at the width the batch has
 anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
+
+Trees: a[j][r] is the chance that greedy AR's token at depth j is the drafter's rank-r token once depth
+j − 1 was reached (rank 1: a_j; ranks 2…TOP_K: decayed counts of the rank AR's token had, which every
+greedy verify step observes, chain or tree). The expected tree of n nodes is the best-first tree on a
+(a node's reach = Π a along its path); E = Σ reach (expected accepted drafts), L = the reach of its
+most likely leaf (candidates.expected_tree), and
+
+    candidates(K, n) = (2 + E − L) / (m · c(1 + n + D) + (1 − L) · c(K)),
+    spans+candidates(K, n) = (1 + E) / (m · c(1 + n + (n + 1) · D)),
+
+for n ≤ MAX_NODES, D < SPANS_MAX_K, widths ≤ TREE_MAX_WIDTH; the controller takes the best (K, n, layout).
+A one-path tree gives E = S, L = P: chain and spans rates times the mask's price m, so trees are not
+chosen (nor priced) until AR's token is the drafter's 2nd…4th choice MIN_RANK_EVIDENCE of the time.
 
 The a_j are decayed counts per position with a prior chained from position to position (a position
 never tested inherits the estimate of the one before it, so the controller is optimistic about
@@ -52,15 +71,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from pipeline.decode.candidates import MAX_NODES, TOP_K, expected_tree
 from pipeline.errors import FluidError
 from pipeline.model.attention import to_additive
 from pipeline.model.causal_lm import cache_kwarg
 
-LAYOUTS = ("chain", "tree")
-# The tree's width grows as K²: beyond K = 8 (64 tokens, 56 of them masks) the last drafts add little
-# (acceptance compounds) while a step's transient KV entries and mask grow quadratically.
-TREE_MAX_K = 8
-# 3 is the chain's width at K = 2 and 4 the tree's; CPU BLAS kernels often jump between them
+LAYOUTS = ("chain", "spans", "candidates", "spans+candidates")
+TREE_LAYOUTS = ("candidates", "spans+candidates")  # the masks' drafts form a candidate tree
+# The spans layout's width grows as K²: beyond K = 8 (64 tokens, 56 of them masks) the last drafts add little
+# (acceptance compounds) while a step's transient KV entries and mask grow quadratically. Candidate trees
+# are as deep at most (D = K − 1 ≤ 7), and no tree step is wider than spans at K = 8.
+SPANS_MAX_K = 8
+TREE_MAX_WIDTH = SPANS_MAX_K**2
+MIN_RANK_EVIDENCE = 0.01  # trees are priced once AR's token is the drafter's 2nd…4th this often somewhere
+# 3 is the chain's width at K = 2 and 4 the spans layout's; CPU BLAS kernels often jump between them
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -69,7 +93,7 @@ class ForwardCost:
 
     Built from a list (costs of widths 1, 2, 3, …) or a {width: cost} mapping; made non-decreasing,
     linearly interpolated between given widths and extrapolated beyond the last with the last slope.
-    `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a tree step:
+    `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a spans step:
     several spans), which the model cannot run on its built-in causal path."""
 
     def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float = 1.0):
@@ -127,6 +151,10 @@ class ForwardCost:
 def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
     """The step layouts greedy verify may use, checked: a non-empty subset of LAYOUTS."""
     out = tuple(layouts)
+    if "tree" in out:
+        raise FluidError("the verify layout 'tree' was renamed 'spans' (a span of masks anchored at every "
+                         "pending token); the candidate tree (top-k drafts verified in one forward) is "
+                         "'candidates'")
     if not out or any(x not in LAYOUTS for x in out):
         raise FluidError(f"verify layouts must be a non-empty subset of {', '.join(LAYOUTS)}, got {list(out)}")
     return out
@@ -136,14 +164,14 @@ def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
 def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 32, repeats: int = 3,
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
-    interleaved rounds), relative to width 1, and the factor a tree step pays for its explicit mask
-    (widths 4 and 9 — trees of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
+    interleaved rounds), relative to width 1, and the factor a spans step pays for its explicit mask
+    (widths 4 and 9 — spans steps of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
     cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
-    tree_widths = (4, 9)
-    times = time_widths(model, sorted(set(widths) | set(tree_widths)), **kw)  # the plain tree steps too
-    masked = time_widths(model, tree_widths, explicit_mask=True, **kw)
-    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in tree_widths)
+    spans_widths = (4, 9)
+    times = time_widths(model, sorted(set(widths) | set(spans_widths)), **kw)  # the plain spans steps too
+    masked = time_widths(model, spans_widths, explicit_mask=True, **kw)
+    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in spans_widths)
     return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=max(1.0, factor))
 
 
@@ -155,7 +183,7 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
     token (`token_id`), a wider step one clean token then w − 1 masks (`mask_token_id`; a frozen-base
     drafter's adapter runs only where masks are: ~200 extra small matrix products per forward for
     SmolLM2, which a step with masks pays and an AR step does not). `explicit_mask`: pass the causal
-    mask as a 4-D attention mask, as the decoder must for a tree step."""
+    mask as a 4-D attention mask, as the decoder must for a spans step."""
     from transformers import DynamicCache
 
     from pipeline.decode import kvcache
@@ -219,12 +247,14 @@ class CostAwareHorizon:
     """Per-row horizon controller of greedy `verify` (see the module docstring).
 
     The sampler calls `choose(clean, floor)` before each forward (`clean`: tokens the row feeds;
-    `floor`: the width the batch has anyway) and `update(k_used, accepted)` with each verdict
-    (k_used − 1 drafts tested, accepted − 1 of them accepted; k_used = 1 for a step that tested none).
-    `probing` says whether the drafts of the step just planned are only to be observed (a probe),
-    `tree` whether its masks form one span per pending token (else one span after the block; the tree
-    is considered up to K = TREE_MAX_K).
-    `layouts` limits the layouts it may choose ("chain", "tree")."""
+    `floor`: the width the batch has anyway) and, with each verdict, `update_ranks(ranks)` (the
+    drafter's rank of greedy AR's token at each observed depth, candidates.ranks) then
+    `update(k_used, accepted)` (k_used − 1 drafts of the rank-1 chain tested, accepted − 1 of them
+    accepted; k_used = 1 for a step that tested none). After `choose`, `probing` says whether the
+    drafts of the step just planned are only to be observed (a probe), `spans` whether its masks form
+    one span per pending token (else one span, after the pending block or the most likely leaf;
+    spans up to K = SPANS_MAX_K), `candidates` whether the masks' drafts form a candidate tree of
+    `nodes` nodes (else a chain). `layouts` limits the layouts it may choose (LAYOUTS)."""
 
     def __init__(self, cap: int, cost: ForwardCost, *, prior: float = 0.5, prior_weight: float = 1.0,
                  decay: float = 0.9, margin: float = 0.05, probe_budget: float = 0.1, probe_cap: int = 8,
@@ -236,11 +266,16 @@ class CostAwareHorizon:
         self.probe_share, self.min_share = probe_share, min_share
         self.hits = [0.0] * self.cap  # decayed counts per draft position j = 1…cap − 1 (index j)
         self.tries = [0.0] * self.cap
+        self.rank_hits = [[0.0] * (TOP_K - 1) for _ in range(self.cap)]  # ranks 2…TOP_K per depth j
+        self.rank_tries = [0.0] * self.cap
+        self._memo: dict = {}  # tree tables and best plans by floor, until the next verdict
+        self._priced: dict[int, list[float]] = {}
         self.share = probe_share
         self.wait = 1e9  # AR steps since the last probe: the first one is due at once (along the prompt)
-        self.plan, self.plan_tree = self.best()  # K (and layout) at a width floor of 1
-        self.probing = False
-        self.tree = False
+        self.plan, self.plan_layout, self.plan_nodes = self.best()  # K, layout, tree size at a floor of 1
+        self._memo.clear()
+        self.probing = self.spans = self.candidates = False
+        self.nodes = 0
 
     @property
     def k(self) -> int:
@@ -254,40 +289,106 @@ class CostAwareHorizon:
             out.append(prev)
         return out
 
+    def rank_acceptance(self) -> list[list[float]]:
+        """a[j − 1][r − 1]: the chance that greedy AR's token at depth j is the drafter's rank-r token once
+        depth j − 1 was reached. Rank 1 is `acceptance()`; ranks 2…TOP_K are decayed counts with a prior
+        chained from the depth before (0 until seen: no tree pays without evidence); a depth sums to ≤ 1."""
+        out, prev = [], [0.0] * (TOP_K - 1)
+        for j, a1 in enumerate(self.acceptance(), start=1):
+            w, t = self.prior_weight, self.rank_tries[j]
+            prev = [(h + w * p) / (t + w) for h, p in zip(self.rank_hits[j], prev, strict=True)]
+            row, room = [a1], 1.0 - a1
+            for a in prev:
+                row.append(max(0.0, min(a, room)))
+                room -= row[-1]
+            out.append(row)
+        return out
+
+    def trees(self) -> list[tuple[list[float], list[float]]] | None:
+        """(E, L) by tree size (candidates.expected_tree) for depths D = 1…min(cap, SPANS_MAX_K) − 1, or
+        None while no rank below 1 is accepted MIN_RANK_EVIDENCE of the time at any depth (a tree is
+        then a chain, which the chain and spans layouts run without the tree's mask)."""
+        if "trees" not in self._memo:
+            acc = self.rank_acceptance()
+            seen = any(a >= MIN_RANK_EVIDENCE for row in acc for a in row[1:])
+            self._memo["trees"] = [expected_tree(acc[:d], MAX_NODES) for d in range(1, min(self.cap, SPANS_MAX_K))
+                                   ] if seen else None
+        return self._memo["trees"]
+
     def rates(self, floor: int = 1, layout: str = "chain") -> list[float]:
-        """Expected committed tokens per unit of cost for K = 1…cap (index K − 1) in `layout`."""
+        """Expected committed tokens per unit of cost for K = 1…cap (index K − 1) in `layout` (a tree
+        layout: at its best size)."""
+        return [r for r, _ in self._rates(floor, layout)]
+
+    def _rates(self, floor: int, layout: str) -> list[tuple[float, int]]:
+        """(rate, tree size) for K = 1…cap; size 0 for chain and spans."""
+        if layout not in LAYOUTS:
+            raise FluidError(f"unknown verify layout {layout!r}; one of {', '.join(LAYOUTS)}")
+        if layout in TREE_LAYOUTS:
+            return self._tree_rates(floor, layout == "spans+candidates")
         c = self.cost
-        out = [1.0 / c(max(1, floor))]
+        out = [(1.0 / c(max(1, floor)), 0)]
         surv, s = 1.0, 0.0
         for k, a in enumerate(self.acceptance(), start=2):
             surv *= a
             s += surv
-            if layout == "tree":
-                out.append((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= TREE_MAX_K else 0.0)
+            if layout == "spans":
+                out.append(((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= SPANS_MAX_K else 0.0, 0))
             else:
-                out.append((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))))
+                out.append(((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))), 0))
         return out
 
-    def best(self, floor: int = 1) -> tuple[int, bool]:
-        """(K, tree) of the highest rate over the allowed layouts; K = 1 unless that rate beats AR's by
-        the margin."""
-        top, top_rate = (1, False), 0.0
+    def _tree_rates(self, floor: int, spans: bool) -> list[tuple[float, int]]:
+        """Candidate trees of depth D = K − 1 and n nodes (module docstring):
+        candidates(K, n) = (2 + E − L) / (m · c(1 + n + D) + (1 − L) · c(K)),
+        spans+candidates(K, n) = (1 + E) / (m · c(1 + n + (n + 1) · D)), widths up to TREE_MAX_WIDTH."""
+        trees = self.trees()
+        if trees is None:  # chain-shaped trees: no better than the chain, or spans, unless they are not allowed
+            acc = [[a] for a in self.acceptance()]
+            own = "spans" if spans else "chain"
+            trees = [] if own in self.layouts else [expected_tree(acc[:d], MAX_NODES)
+                                                     for d in range(1, min(self.cap, SPANS_MAX_K))]
+        m = self.cost.masked
+        cw = self._priced.get(floor)  # cost by width at this floor (the table never changes)
+        if cw is None:
+            cw = self._priced[floor] = [0.0] + [self.cost(max(w, floor)) for w in range(1, TREE_MAX_WIDTH + 1)]
+        out = [(1.0 / cw[1], 0)]
+        for d, (e_by_n, leaf_by_n) in enumerate(trees, start=1):
+            if spans:
+                sizes = [(n, e) for n, e in enumerate(e_by_n, start=1) if 1 + n + (n + 1) * d <= TREE_MAX_WIDTH]
+                rates = [((1.0 + e) / (m * cw[1 + n + (n + 1) * d]), n) for n, e in sizes]
+            else:
+                rates = [((2.0 + e - leaf) / (m * cw[1 + n + d] + (1.0 - leaf) * cw[d + 1]), n)
+                         for n, (e, leaf) in enumerate(zip(e_by_n, leaf_by_n, strict=True), start=1)]
+            out.append(max(rates, key=lambda x: x[0], default=(0.0, 0)))
+        return out + [(0.0, 0)] * (self.cap - len(out))
+
+    def best(self, floor: int = 1) -> tuple[int, str, int]:
+        """(K, layout, tree size) of the highest rate over the allowed layouts (ties: the earlier layout of
+        LAYOUTS); K = 1 (a chain step) unless that rate beats AR's by the margin."""
+        if ("best", floor) in self._memo:
+            return self._memo["best", floor]
+        top, top_rate = (1, "chain", 0), 0.0
         ar = 1.0 / self.cost(max(1, floor))
         for layout in self.layouts:
-            r = self.rates(floor, layout)
-            k = max(range(len(r)), key=r.__getitem__) + 1
-            if r[k - 1] > top_rate:
-                top, top_rate = (k, layout == "tree"), r[k - 1]
-        return top if top[0] > 1 and top_rate >= (1.0 + self.margin) * ar else (1, False)
+            r = self._rates(floor, layout)
+            k = max(range(len(r)), key=lambda i: r[i][0]) + 1
+            if r[k - 1][0] > top_rate:
+                top, top_rate = (k, layout, r[k - 1][1]), r[k - 1][0]
+        top = top if top[0] > 1 and top_rate >= (1.0 + self.margin) * ar else (1, "chain", 0)
+        self._memo["best", floor] = top
+        return top
 
     def choose(self, clean: int = 1, floor: int = 1) -> int:
         """The horizon of the next step, for a row feeding `clean` tokens in a batch at least `floor`
         wide. Sets `probing` when the step's drafts are only to be observed: when drafts do not pay
         but a probe is due (within `probe_budget` extra cost), or its masks cost nothing extra; and
-        `tree` when the step's masks form one span per pending token."""
-        self.probing = self.tree = False
+        `spans`, `candidates` and `nodes` from the step's layout."""
+        self.probing = self.spans = self.candidates = False
+        self.nodes = 0
         if self.plan > 1:
-            k, self.tree = self.best(floor)
+            k, layout, self.nodes = self.best(floor)
+            self.spans, self.candidates = layout in ("spans", "spans+candidates"), layout in TREE_LAYOUTS
             return k
         if self.cap == 1:
             return 1
@@ -302,6 +403,15 @@ class CostAwareHorizon:
         self.probing = k > 1
         return k
 
+    def update_ranks(self, ranks: Sequence[int]) -> None:
+        """Count the drafter's rank (1…TOP_K; 0: not among its candidates) of greedy AR's token at each
+        depth a verify step observed; the candidate-tree rates read them (call before `update`)."""
+        for j, rank in enumerate(ranks[: self.cap - 1], start=1):
+            self.rank_tries[j] = self.decay * self.rank_tries[j] + 1.0
+            self.rank_hits[j] = [self.decay * h + (1.0 if rank == r else 0.0)
+                                 for r, h in enumerate(self.rank_hits[j], start=2)]
+        self._memo.clear()
+
     def update(self, k_used: int, accepted: int) -> None:
         drafts, good = k_used - 1, accepted - 1
         if drafts <= 0:  # nothing tested: an AR step (or a probe's own step)
@@ -310,7 +420,8 @@ class CostAwareHorizon:
         for j in range(1, min(drafts, good + 1, self.cap - 1) + 1):  # tested: 1…good, and good + 1 if rejected
             self.hits[j] = self.decay * self.hits[j] + (1.0 if j <= good else 0.0)
             self.tries[j] = self.decay * self.tries[j] + 1.0
-        self.plan, self.plan_tree = self.best()
+        self._memo.clear()
+        self.plan, self.plan_layout, self.plan_nodes = self.best()
         if self.plan == 1 and good == 0:
             self.share = max(self.min_share, self.share / 2)  # nothing passed: probe half as often
         elif good > 0:

@@ -3,17 +3,19 @@ Plain torch + transformers, no Ray.
 
 Each step feeds, per row, the tokens not yet in the cache as clean inputs (the tokens committed last
 step; for `verify` the pending block b_1 … b_n, b_2… being unverified drafts) plus K − 1 mask tokens
-whose positions continue the sequence — for a cost-aware `tree` step (cost_model.py) one such span
+whose positions continue the sequence — for a cost-aware `spans` step (cost_model.py) one such span
 anchored at each b_i, seeing b_1 … b_i only (the two-stream rule of training), so the drafts after
 any verdict are ready. The output at the last clean token is the exact AR prediction; the masks'
 outputs are the drafts. After committing (policies.py), the mask and rejected entries — the tail of
-the step — are dropped from the cache; the prefix is never recomputed.
+the step — are dropped from the cache; the prefix is never recomputed. Greedy verify's pending drafts
+may also be a candidate tree (candidates.py: the `candidates` layouts), verified in one forward under
+a tree mask; the accepted path's entries are moved next to the prefix before the tail is dropped.
 
 Batching: rows are left-aligned in the step's [B, W] input and right-padded. One cache holds all rows;
 entries a row did not keep become holes, tracked in `valid` [B, S] and hidden by an explicit 4-D mask
 (position ids are per row). Holes are compacted away from time to time (kvcache.compact_rows).
-With one row, or when nothing is ragged and no row has several spans, no mask is passed and the
-model's own causal mask is used.
+When no row is ragged or has holes and every row's step is one causal sequence (one span, no tree), no
+mask is passed and the model's own causal mask is used.
 
 Continuous batching (iteration-level scheduling, as Orca and vLLM do): `_Decoder.add` admits new rows
 between steps and finished rows leave after the step that finished them. A new row's prompt is fed in
@@ -27,96 +29,28 @@ Text is detokenized incrementally (detok.py), stop strings are matched on the ne
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
-from pipeline.batch import CLEAN, PAD
+from pipeline.decode import candidates as cand
 from pipeline.decode import kvcache
-from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost
-from pipeline.decode.detok import IncrementalText
+from pipeline.decode.cost_model import CostAwareHorizon
 from pipeline.decode.policies import (
     ELASTIC,
-    ElasticHorizon,
     Resolved,
     gated_length,
     sample,
     sampling_probs,
     speculative_accept,
 )
+from pipeline.decode.rows import _Row
 from pipeline.errors import FluidError
-from pipeline.model.attention import to_additive, two_stream_mask
+from pipeline.model.attention import to_additive
 
 if TYPE_CHECKING:
     from pipeline.decode.sampler import Sampler
-
-
-@dataclass
-class GenerationStats:
-    policy: str
-    forwards: int = 0
-    tokens: int = 0
-    tokens_per_forward: float = 0.0
-    accepted_hist: dict[int, int] = field(default_factory=dict)  # tokens committed by a forward -> count
-    step_of_token: list[int] = field(default_factory=list)  # per generated token: the forward (0, 1, …) committing it
-    mask_tokens: int = 0  # mask tokens fed in all (the drafting cost)
-    wall_time_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens; EOS and anything after a stop are not included
-    text: str  # decoded, cut before the first stop string
-    finish_reason: str  # "stop" | "length" | "eos"
-    prompt_tokens: int
-    stats: GenerationStats
-
-
-@dataclass
-class StreamChunk:
-    token_ids: list[int]  # tokens committed by this step
-    text: str  # text delta (never a broken UTF-8 character or the start of a possible stop string)
-    finish_reason: str | None = None
-    result: GenerationResult | None = None  # on the last chunk
-    step: int | None = None  # the forward (0, 1, …) of this request that committed `token_ids`
-
-
-class _Row:
-    """Decoding state of one request."""
-
-    def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None,
-                 layouts: tuple[str, ...] = ("chain",), tokenizer_lock=None):
-        self.r = r
-        self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
-        self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
-        self.draft_q: list[torch.Tensor] = []  # their proposal distributions (verify, temperature > 0)
-        self.pos = 0  # this row's tokens in the cache = position of feed[0]
-        self.generated: list[int] = []
-        self.finish: str | None = None
-        self.text: str | None = None  # the final text (set when the row finishes)
-        self.detok = IncrementalText(tokenizer, r.stop, tokenizer_lock)
-        self.new_text = ""  # text added by the last step
-        # khead gets the controller too, as a guard: its learned K is used only while drafts pay off
-        self.horizon = ElasticHorizon(r.max_horizon) if r.policy in (*ELASTIC, "khead") else None
-        if r.policy == "verify" and r.temperature == 0 and costs is not None:
-            # greedy verify is lossless: its horizon may follow the machine's timing (cost_model.py);
-            # sampling keeps the timing-independent controller, so a seed reproduces on any machine
-            self.horizon = CostAwareHorizon(r.max_horizon, costs, layouts=layouts)
-        self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
-        self.observe_from = 0  # index in `generated` of observe[0]
-        self.prev_hidden: torch.Tensor | None = None
-        self.gen = torch.Generator()
-        if r.seed is None:
-            self.gen.seed()
-        else:
-            self.gen.manual_seed(int(r.seed))
-        self.stats = GenerationStats(r.policy)
-        self.t0 = time.perf_counter()
 
 
 class _Decoder:
@@ -166,7 +100,7 @@ class _Decoder:
             k = r.max_horizon
         remaining = r.max_tokens - len(row.generated)
         if r.policy == "verify":
-            remaining -= row.n_drafts + 1  # the pending block may commit n_drafts + 1 tokens first
+            remaining -= max(cand.depths(row.parents), default=0) + 1  # what the pending drafts may commit first
         return max(1, min(k, r.max_horizon, remaining))
 
     @torch.inference_mode()
@@ -195,27 +129,31 @@ class _Decoder:
 
     def _anchors(self, row: _Row, k: int) -> list[int]:
         """Indices in `row.feed` that the step's mask spans (k − 1 masks each) are anchored at: one per
-        pending token for a cost-aware `tree` step (cost_model.py), otherwise the last token only."""
-        last = len(row.feed) - 1
-        if k > 1 and isinstance(row.horizon, CostAwareHorizon) and row.horizon.tree:
-            return list(range(last - row.n_drafts, last + 1))
-        return [last]
+        pending token for a cost-aware `spans` step (cost_model.py), otherwise one: the pending chain's
+        last draft, or the candidate tree's most likely leaf (or the last token when none is pending)."""
+        root = len(row.feed) - 1 - row.n_drafts
+        if k > 1 and isinstance(row.horizon, CostAwareHorizon) and row.horizon.spans:
+            return list(range(root, len(row.feed)))
+        return [root + 1 + row.leaf] if row.n_drafts else [root]
 
     def _forward(self, rows: list[_Row], cache) -> list[tuple[_Row, list[int]]]:
         """One forward of `rows` against `cache`, whose entries `self.valid` describes.
 
-        A row's step input is its clean `feed` followed by its mask spans; the span anchored at feed
-        index a has positions pos(a) + 1, … and sees the cache, feed[0..a] and its own earlier masks
-        (the training layout's two-stream rule, attention.two_stream_mask), so one step may draft for
-        every possible verdict at once."""
+        A row's step input is its clean `feed` (its pending drafts a chain or a candidate tree) followed
+        by its mask spans; each token sees the cache and its ancestors only (candidates.step_layout:
+        the span anchored at feed index a sees feed[0..a] along the drafts' tree and its own earlier
+        masks — the training layout's two-stream rule), so one step may verify a tree of drafts and
+        draft for every possible verdict at once."""
         s = self.s
         ks, anchors = self._plan(rows)
-        ids, local, span, anchor, lens = self._step_input(rows, ks, anchors)
+        ids, local, parent, lens = cand.step_layout(
+            [(row.feed, row.parents, a, k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)],
+            s.mask_token_id)
         width, past = ids.shape[1], kvcache.cache_len(cache)
         pos = torch.tensor([row.pos for row in rows])[:, None] + local
         mask = None
-        if bool((lens != width).any()) or not bool(self.valid.all()) or any(len(a) > 1 for a in anchors):
-            mask = self._mask(self.valid, local, span, anchor, past)
+        if bool((lens != width).any()) or not bool(self.valid.all()) or not cand.is_sequential(parent, lens):
+            mask = self._mask(self.valid, parent, past)
         first = [len(row.feed) - 1 - row.n_drafts for row in rows]  # first output each row reads
         keep = width - min(first)
         want_hidden = any(row.r.policy == "khead" for row in rows)
@@ -249,53 +187,42 @@ class _Decoder:
                   else k for row, k, w in zip(rows, ks, widths, strict=True)]
         return ks, [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
 
-    def _step_input(self, rows: list[_Row], ks: list[int], anchors: list[list[int]]):
-        """(ids, position within the step input, span id, anchor — each [B, W] — and each row's length):
-        the clean feed, then k − 1 masks per anchor; the rest of a row is padding."""
-        lens = torch.tensor([len(row.feed) + len(a) * (k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)])
-        b_sz, width = len(rows), int(lens.max())
-        ids = torch.full((b_sz, width), self.s.mask_token_id, dtype=torch.long)
-        local = torch.arange(width).repeat(b_sz, 1)
-        span = torch.full((b_sz, width), PAD, dtype=torch.long)
-        anchor = local.clone()
-        for i, (row, k, anc) in enumerate(zip(rows, ks, anchors, strict=True)):
-            f = len(row.feed)
-            ids[i, :f] = torch.tensor(row.feed)
-            span[i, :f] = CLEAN
-            for j, a in enumerate(anc):
-                lo = f + j * (k - 1)
-                local[i, lo : lo + k - 1] = torch.arange(a + 1, a + k)
-                span[i, lo : lo + k - 1] = j
-                anchor[i, lo : lo + k - 1] = a
-        return ids, local, span, anchor, lens
-
-    def _read_row(self, row: _Row, logits: torch.Tensor, k: int, anchors: list[int], hidden) -> tuple[int, list[int]]:
-        """(cache entries the row keeps, tokens it commits) from its logits; advances its position."""
+    def _read_row(self, row: _Row, logits: torch.Tensor, k: int, anchors: list[int], hidden) -> tuple[list[int], list[int]]:
+        """(the row's step slots whose cache entries stay, tokens it commits) from its logits; advances
+        its position."""
         if row.r.policy == "verify":
             tokens, kept = self._verify(row, logits, anchors, k - 1)
         else:
-            tokens, kept = self._draft(row, logits, k), len(row.feed)
+            tokens, kept = self._draft(row, logits, k), list(range(len(row.feed)))
             if hidden is not None:
-                row.prev_hidden = hidden[kept - 1].detach()
+                row.prev_hidden = hidden[len(kept) - 1].detach()
             row.feed, row.n_drafts = list(tokens), 0
-        row.pos += kept
+        row.pos += len(kept)
         return kept, tokens
 
-    def _keep_in_cache(self, cache, keeps: list[int], width: int) -> None:
-        """Crop the step's trailing entries no row keeps (masks come after every clean token, so kept
-        entries lead) and record which of the rest each row holds."""
-        kmax = max(keeps)
-        kvcache.drop_last(cache, width - kmax)
+    def _keep_in_cache(self, cache, keeps: list[list[int]], width: int) -> None:
+        """Keep each row's entries `keeps[b]` (increasing slots of the step) and drop the rest of the step:
+        crop the trailing entries no row keeps (masks come after every clean token, so kept entries
+        lead) — or, after a candidate tree, move the accepted path next to the prefix first — and record
+        which of the rest each row holds."""
+        counts = [len(k) for k in keeps]
+        kmax = max(counts)
         dev = self.s.device
-        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(keeps, device=dev)[:, None]
+        if any(k and k[-1] != len(k) - 1 for k in keeps):  # a tree's path: not a prefix of the step
+            index = torch.zeros((len(keeps), kmax), dtype=torch.long)
+            for b, k in enumerate(keeps):
+                index[b, : len(k)] = torch.tensor(k, dtype=torch.long)
+            kvcache.keep_step_entries(cache, index.to(dev), width)
+        else:
+            kvcache.drop_last(cache, width - kmax)
+        new_valid = torch.arange(kmax, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
         self.valid = torch.cat([self.valid, new_valid], dim=1)
 
-    def _mask(self, valid: torch.Tensor, local: torch.Tensor, span: torch.Tensor, anchor: torch.Tensor,
-              past: int) -> torch.Tensor:
-        """[B, 1, W, past + W]: the cache entries a row holds, then the step input's two-stream rule
-        (padding queries see only themselves: no empty rows, no NaN)."""
+    def _mask(self, valid: torch.Tensor, parent: torch.Tensor, past: int) -> torch.Tensor:
+        """[B, 1, W, past + W]: the cache entries a row holds, then the step input's ancestors
+        (candidates.ancestor_mask; padding queries see only themselves: no empty rows, no NaN)."""
         dev = self.s.device
-        m = two_stream_mask(local.to(dev), span.to(dev), anchor.to(dev))
+        m = cand.ancestor_mask(parent.to(dev))[:, None]
         if past:
             m = torch.cat([valid[:, None, None, :].expand(-1, 1, m.shape[2], -1), m], dim=-1)
         if self.s.attn_impl == "sdpa":
@@ -317,44 +244,80 @@ class _Decoder:
             row.horizon.update(k, n)
         return chosen[:n].tolist()
 
-    def _verify(self, row: _Row, lg: torch.Tensor, anchors: list[int], span_len: int) -> tuple[list[int], int]:
-        """lg = AR outputs at b_1 … b_n, then the mask spans (`span_len` each), anchored at b_{a+1} for
-        a in `anchors`. Returns (committed, cache entries kept)."""
-        r, nd = row.r, row.n_drafts
-        drafts = row.feed[len(row.feed) - nd :]
-        ar = lg[: nd + 1]
-        m = 0
+    def _verify(self, row: _Row, lg: torch.Tensor, anchors: list[int], span_len: int) -> tuple[list[int], list[int]]:
+        """lg = AR outputs at the root b_1 and at the pending draft nodes, then the mask spans (`span_len`
+        each) anchored at outputs `anchors` (0: the root, 1 + i: node i). Returns (committed, the step
+        slots whose cache entries stay: the clean prefix and the accepted path)."""
+        nd = row.n_drafts
+        f0 = len(row.feed) - nd
+        drafts = row.feed[f0:]
+        path, nxt = self._walk(row, lg[: nd + 1], drafts)
+        tokens = [*(drafts[v] for v in path), nxt]
+        self._judge(row, tokens)
+        end = path[-1] + 1 if path else 0  # the output of the last committed token before nxt
+        new, qs, parents, leaf, tops = [], [], [], -1, []
+        if span_len and end in anchors:  # the span anchored there holds the next drafts
+            lo = nd + 1 + anchors.index(end) * span_len
+            masks = lg[lo : lo + span_len]
+            if row.r.temperature == 0:
+                new, parents, leaf, tops = self._greedy_drafts(row, masks, len(row.generated) + len(tokens))
+            else:
+                q = sampling_probs(masks, row.r.temperature, row.r.top_p).cpu()
+                new, qs = sample(q, row.gen).tolist(), list(q)
+                parents, leaf = cand.chain_parents(len(new)), len(new) - 1
+        row.feed, row.n_drafts, row.draft_q = [nxt, *new], len(new), qs
+        row.parents, row.leaf, row.tops = parents, leaf, tops
+        return tokens, [*range(f0), *(f0 + v for v in path)]
+
+    def _walk(self, row: _Row, ar: torch.Tensor, drafts: list[int]) -> tuple[list[int], int]:
+        """(accepted draft nodes, the next token) from the AR outputs `ar` at the root and the nodes:
+        greedy — the tree walk (candidates.accept_path); sampled — the speculative rule along a chain."""
+        r, nd = row.r, len(drafts)
         if r.temperature == 0:
             pred = ar.argmax(dim=-1).tolist()
-            while m < nd and drafts[m] == pred[m]:
-                m += 1
-            nxt = pred[m]
-        else:
-            p = sampling_probs(ar, r.temperature, r.top_p).cpu()
-            nxt = None
-            while m < nd and nxt is None:
-                ok, tok = speculative_accept(p[m], row.draft_q[m], drafts[m], row.gen)
-                m, nxt = (m + 1, None) if ok else (m, tok)
-            if nxt is None:
-                nxt = int(sample(p[nd : nd + 1], row.gen)[0])
-        kept = len(row.feed) - nd + m
-        if row.horizon is not None:
-            row.horizon.update(nd + 1, m + 1)
-        new, qs = [], []
-        if span_len and m in anchors:  # the span anchored at the last committed token b_{m+1}
-            lo = nd + 1 + anchors.index(m) * span_len
-            masks = lg[lo : lo + span_len]
-            if r.temperature == 0:
-                new = self._propose(row, masks, len(row.generated) + m + 1)
-                if row.horizon is not None and row.horizon.probing:
-                    # A probe is only observed: its drafts are compared with the tokens the next
-                    # AR steps commit, so a failing probe costs one mask token, not a wider forward.
-                    row.observe, row.observe_from, new = new, len(row.generated) + m + 1, []
-            else:
-                q = sampling_probs(masks, r.temperature, r.top_p).cpu()
-                new, qs = sample(q, row.gen).tolist(), list(q)
-        row.feed, row.n_drafts, row.draft_q = [nxt, *new], len(new), qs
-        return [*drafts[:m], nxt], kept
+            path = cand.accept_path(row.parents, drafts, pred)
+            return path, pred[path[-1] + 1 if path else 0]
+        p = sampling_probs(ar, r.temperature, r.top_p).cpu()
+        m, nxt = 0, None
+        while m < nd and nxt is None:
+            ok, tok = speculative_accept(p[m], row.draft_q[m], drafts[m], row.gen)
+            m, nxt = (m + 1, None) if ok else (m, tok)
+        if nxt is None:
+            nxt = int(sample(p[nd : nd + 1], row.gen)[0])
+        return list(range(m)), nxt
+
+    def _judge(self, row: _Row, tokens: list[int]) -> None:
+        """Give the horizon controller a verify step's verdict (`tokens`: accepted drafts, then the next
+        token). A cost-aware row also learns the drafter's rank of each AR token (candidates.ranks); after
+        a candidate tree its chain statistics count the leading rank-1 drafts, as a chain would have."""
+        h = row.horizon
+        if h is None:
+            return
+        k_used, accepted = row.n_drafts + 1, len(tokens)
+        if isinstance(h, CostAwareHorizon) and row.tops:
+            ranks = cand.ranks(tokens, row.tops)
+            h.update_ranks(ranks)
+            if not cand.is_chain(row.parents):
+                good = next((j for j, rank in enumerate(ranks) if rank != 1), len(ranks))
+                k_used, accepted = len(ranks) + 1, good + 1
+        h.update(k_used, accepted)
+
+    def _greedy_drafts(self, row: _Row, masks: torch.Tensor, start: int):
+        """The next greedy drafts from a span's mask outputs: (tokens, parents, anchor leaf, the ranked
+        candidates per depth). A candidate tree when the row's plan says so, else a chain of argmaxes;
+        a probe's chain is only observed (no drafts)."""
+        h = row.horizon
+        if h is not None and h.probing:
+            # A probe is only observed: its drafts are compared with the tokens the next
+            # AR steps commit, so a failing probe costs one mask token, not a wider forward.
+            row.observe, row.observe_from = self._propose(row, masks, start), start
+            return [], [], -1, []
+        tops, probs = self._candidates(row, masks, start) if isinstance(h, CostAwareHorizon) else ([], [])
+        if isinstance(h, CostAwareHorizon) and h.candidates:
+            tree = cand.build_tree(tops, probs, h.nodes)
+            return tree.tokens, tree.parents, tree.leaf, tops
+        new = self._propose(row, masks, start)
+        return new, cand.chain_parents(len(new)), len(new) - 1, tops
 
     def _judge_probe(self, row: _Row) -> None:
         """Give the horizon controller the verdict on an observed probe once it is known."""
@@ -369,6 +332,11 @@ class _Decoder:
         """Greedy drafts for `verify` (the argmax of each mask output) of the tokens from index `start`
         of `row.generated` on; tests swap in oracle drafts."""
         return masks.argmax(dim=-1).tolist()
+
+    def _candidates(self, row: _Row, masks: torch.Tensor, start: int) -> tuple[list[list[int]], list[list[float]]]:
+        """The drafter's ranked top tokens and probabilities per mask output (candidates.top_candidates),
+        for a candidate tree and the rank statistics; tests swap in other drafters."""
+        return cand.top_candidates(masks)
 
     def _commit(self, row: _Row, tokens: list[int]) -> list[int]:
         """Append tokens, trimming exactly at EOS, max_tokens or a stop string (as AR would stop).

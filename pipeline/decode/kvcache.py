@@ -77,13 +77,31 @@ def compact_rows(cache, valid: torch.Tensor) -> torch.Tensor:
         # Padding slots point at the row's first valid entry, so they hold finite values.
         first_valid = order.gather(1, (new_s - counts).clamp(max=new_s - 1)[:, None])
         order = torch.where(new_valid, order, first_valid)
+    _gather_entries(cache, order, 0)
+    return new_valid
+
+
+def keep_step_entries(cache, index: torch.Tensor, width: int) -> None:
+    """Of the last `width` entries (one step's), keep per row those at `index` [B, n] (offsets within
+    the step, in order) and drop the rest: the cache becomes width − n entries shorter. A candidate
+    tree's accepted path thus lands right after the row's prefix, as AR would have written it."""
+    check_supported(cache)
+    have = cache_len(cache)
+    if not 0 <= width <= have:
+        raise ValueError(f"keep_step_entries: width must be in [0, {have}], got {width}")
+    _gather_entries(cache, index, have - width)
+
+
+def _gather_entries(cache, index: torch.Tensor, start: int) -> None:
+    """Replace every layer's entries from `start` on by those at `start + index` [B, n], per row."""
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
-        idx = order.to(layer.keys.device)[:, None, :, None]
-        layer.keys = layer.keys.gather(2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
-        layer.values = layer.values.gather(2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
-    return new_valid
+        idx = index.to(layer.keys.device)[:, None, :, None]
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            tail = t[:, :, start:].gather(2, idx.expand(-1, t.shape[1], -1, t.shape[3]))
+            setattr(layer, name, torch.cat([t[:, :, :start], tail], dim=2) if start else tail)
 
 
 def join_rows(cache, valid, other, other_valid) -> torch.Tensor:

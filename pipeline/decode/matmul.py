@@ -34,7 +34,7 @@ from pipeline.decode.cost_model import time_widths
 from pipeline.errors import FluidError
 
 MATMUL_LAYOUTS = ("stock", "weight_left")
-MAX_ROWS = 32  # widest decoding step that takes the narrow path (a tree of K = 8 is 64 wide: stock)
+MAX_ROWS = 32  # widest decoding step that takes the narrow path (spans of K = 8 are 64 wide: stock)
 
 
 class WeightLeftLinear(nn.Linear):

@@ -17,14 +17,16 @@ from collections.abc import Iterator
 import torch
 
 from pipeline.config import NoiseConfig
-from pipeline.decode.cost_model import LAYOUTS, TREE_MAX_K, ForwardCost, calibrate, check_layouts
-from pipeline.decode.decoder import (
-    GenerationResult,
-    GenerationStats,
-    StreamChunk,
-    _Decoder,
-    _Row,
+from pipeline.decode.candidates import MAX_NODES
+from pipeline.decode.cost_model import (
+    LAYOUTS,
+    SPANS_MAX_K,
+    TREE_MAX_WIDTH,
+    ForwardCost,
+    calibrate,
+    check_layouts,
 )
+from pipeline.decode.decoder import _Decoder
 from pipeline.decode.detok import TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.matmul import current_matmul
@@ -34,6 +36,7 @@ from pipeline.decode.policies import (
     Resolved,
     resolve,
 )
+from pipeline.decode.rows import GenerationResult, GenerationStats, StreamChunk, _Row
 from pipeline.errors import FluidError
 from pipeline.model.causal_lm import cache_kwarg
 
@@ -100,9 +103,15 @@ class Sampler:
     @property
     def step_masks(self) -> int:
         """The most mask tokens one row feeds in one step (transient KV entries, cropped after it):
-        k_max − 1 for a chain, K·(K − 1) for a tree of K = min(k_max, TREE_MAX_K)."""
-        tree = min(self.k_max, TREE_MAX_K) if "tree" in self.verify_layouts else 0
-        return max(self.k_max - 1, tree * (tree - 1))
+        k_max − 1 for a chain, K·(K − 1) for spans of K = min(k_max, SPANS_MAX_K); with candidate
+        trees, whose rejected nodes are transient too, all but one entry of the widest tree step."""
+        spans = min(self.k_max, SPANS_MAX_K) if "spans" in self.verify_layouts else 0
+        tree = 0
+        if self.k_max > 1 and "spans+candidates" in self.verify_layouts:
+            tree = TREE_MAX_WIDTH - 1
+        elif self.k_max > 1 and "candidates" in self.verify_layouts:
+            tree = MAX_NODES + min(self.k_max, SPANS_MAX_K) - 1
+        return max(self.k_max - 1, spans * (spans - 1), tree)
 
     @property
     def forward_cost(self) -> ForwardCost:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pipeline.decode.cost_model import TREE_MAX_K, CostAwareHorizon, ForwardCost, calibrate
+from pipeline.decode.cost_model import SPANS_MAX_K, CostAwareHorizon, ForwardCost, calibrate
 from pipeline.errors import FluidError
 
 # 2-core CPU, SmolLM2-135M (docs): 2–3 tokens ~1.6 AR steps, 8 ~1.6, 16 ~1.9, 32 ~2.5
@@ -41,7 +41,7 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
     for cost in (CPU, FLAT):
         h = CostAwareHorizon(16, cost)
         _observe(h, 0.0, 30, 8)
-        assert h.plan == 1 and h.best() == (1, False)
+        assert h.plan == 1 and h.best() == (1, "chain", 0)
         # only a probe's drafts may ride along: none at CPU costs; with free widths the masks of a
         # full probe (probe_cap) cost nothing, and their drafts are only observed
         want = (1, False) if cost is CPU else (h.probe_cap, True)
@@ -50,41 +50,43 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
 
 def test_flat_cost_opens_the_horizon_where_cpu_waits_for_acceptance_to_pay():
     flat = CostAwareHorizon(16, FLAT)
-    assert (flat.plan, flat.plan_tree) == (TREE_MAX_K, True)  # prior acceptance 0.5: free masks are worth trying
-    # the same prior does not pay for the chain's 1.6x forwards; the tree's width 9 (K = 3, 1.64 AR
+    assert (flat.plan, flat.plan_layout) == (SPANS_MAX_K, "spans")  # prior acceptance 0.5: free masks are worth trying
+    # the same prior does not pay for the chain's 1.6x forwards; the spans' width 9 (K = 3, 1.64 AR
     # steps) commits 1 + 0.5 + 0.25 tokens: 1.07 x AR, just past the 5 % margin
     assert CostAwareHorizon(16, CPU, layouts=("chain",)).plan == 1
     cpu = CostAwareHorizon(16, CPU)
-    assert (cpu.plan, cpu.plan_tree) == (3, True)
+    assert (cpu.plan, cpu.plan_layout) == (3, "spans")
     flat, cpu = CostAwareHorizon(16, FLAT), CostAwareHorizon(16, CPU)
     for h in (flat, cpu):
         _observe(h, 0.3, 40, 6)
-    assert flat.plan > 1 and flat.choose() > 1 and flat.tree
+    assert flat.plan > 1 and flat.choose() > 1 and flat.spans
     assert cpu.plan == 1
     _observe(cpu, 0.95, 40, 6, seed=1)  # acceptance that pays for the width
     assert cpu.plan > 4
 
 
-def test_cheap_narrow_widths_pick_the_chain_wide_free_widths_the_tree():
+def test_cheap_narrow_widths_pick_the_chain_wide_free_widths_the_spans():
     """A CPU whose BLAS is flat up to 3 rows and jumps at 4 (this project's fp32 CPUs): the chain at
-    K = 2 (width 3) is the only horizon that pays for moderate acceptance; free widths take the tree."""
+    K = 2 (width 3) is the only horizon that pays for moderate acceptance; free widths take the spans."""
     narrow = ForwardCost({1: 1.0, 2: 1.0, 3: 1.07, 4: 1.52, 8: 1.8, 16: 1.95, 32: 2.3})
-    for cost, want in ((narrow, (2, False)), (FLAT, (8, True))):
+    for cost, want in ((narrow, (2, "chain", 0)), (FLAT, (8, "spans", 0))):
         h = CostAwareHorizon(8, cost, prior_weight=1e9)
         h.acceptance = lambda: [0.5] * 7
         assert h.best() == want, cost
     h = CostAwareHorizon(8, narrow, prior_weight=1e9)
     h.acceptance = lambda: [0.5] * 7
     assert h.rates(layout="chain")[1] == pytest.approx(2.0 / (1.07 + 0.5 * 1.0))
-    assert h.rates(layout="tree")[2] == pytest.approx((1 + 0.5 + 0.25) / narrow(9))
+    assert h.rates(layout="spans")[2] == pytest.approx((1 + 0.5 + 0.25) / narrow(9))
     with pytest.raises(FluidError, match="layouts"):
         CostAwareHorizon(8, FLAT, layouts=("star",))
+    with pytest.raises(FluidError, match="'tree' was renamed 'spans'.*'candidates'"):
+        CostAwareHorizon(8, FLAT, layouts=("chain", "tree"))
 
 
-@pytest.mark.parametrize("layout", ["chain", "tree"])
+@pytest.mark.parametrize("layout", ["chain", "spans"])
 def test_rate_model_matches_a_simulated_verify_loop(layout):
     """rate(K) = expected committed tokens per unit cost of the verify pipeline with fixed K: the chain
-    drafts again after a rejection; the tree has a span at every pending token, so it never has to."""
+    drafts again after a rejection; the spans layout has a span at every pending token, so it never has to."""
     accept = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     h = CostAwareHorizon(8, CPU, prior_weight=1e9)
     h.acceptance = lambda: accept
@@ -97,10 +99,10 @@ def test_rate_model_matches_a_simulated_verify_loop(layout):
                 good = 0
                 while good < pending and rng.random() < accept[good]:
                     good += 1
-                spans = pending + 1 if layout == "tree" else 1
+                spans = pending + 1 if layout == "spans" else 1
                 cost += CPU(1 + pending + spans * (k - 1))
                 tokens += good + 1
-                pending = k - 1 if good == pending or layout == "tree" else 0
+                pending = k - 1 if good == pending or layout == "spans" else 0
             else:
                 cost += CPU(k)
                 tokens += 1
@@ -164,11 +166,11 @@ def test_calibrate_times_steps_as_decoding_feeds_them():
     model.forward = spy
     calibrate(model, widths=(1, 3), past=4, repeats=1, token_id=5, mask_token_id=49)
     steps = [s for s in seen if s != [5] * 4]  # without the prefills of the past
-    # the table's widths, then the tree widths 4 and 9 (with and without an explicit mask)
+    # the table's widths, then the spans widths 4 and 9 (with and without an explicit mask)
     assert {tuple(s) for s in steps} == {(5,), (5, 49, 49), (5, 49, 49, 49), (5,) + (49,) * 8}
 
 
-def test_tree_steps_pay_the_measured_price_of_their_explicit_mask():
+def test_spans_steps_pay_the_measured_price_of_their_explicit_mask():
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(50)
@@ -187,12 +189,12 @@ def test_tree_steps_pay_the_measured_price_of_their_explicit_mask():
     assert m.dtype == torch.bool and torch.equal(m, torch.ones(4, 8, dtype=torch.bool).tril(4))
     with pytest.raises(FluidError, match="masked-step factor"):
         ForwardCost([1.0], masked=0.5)
-    # the same acceptance: a tree priced 1.5x dearer for its mask loses its rate by exactly that factor
-    plain, dear = (CostAwareHorizon(4, ForwardCost([1.0, 1.1, 1.2, 1.3], masked=f), layouts=("tree",))
+    # the same acceptance: spans priced 1.5x dearer for its mask loses its rate by exactly that factor
+    plain, dear = (CostAwareHorizon(4, ForwardCost([1.0, 1.1, 1.2, 1.3], masked=f), layouts=("spans",))
                    for f in (1.0, 1.5))
     for h in (plain, dear):
         h.hits, h.tries = [0.0, 8.0, 8.0, 8.0], [0.0, 10.0, 10.0, 10.0]
-    for a, b in zip(plain.rates(layout="tree")[1:], dear.rates(layout="tree")[1:], strict=True):
+    for a, b in zip(plain.rates(layout="spans")[1:], dear.rates(layout="spans")[1:], strict=True):
         assert a == pytest.approx(1.5 * b)
     assert plain.rates(layout="chain") == dear.rates(layout="chain")
 

@@ -5,8 +5,7 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pipeline.decode import kvcache
 from pipeline.decode.detok import TextDeltas
@@ -14,40 +13,10 @@ from pipeline.decode.horizon_head import HorizonHead
 from pipeline.decode.policies import ElasticHorizon, speculative_accept
 from pipeline.decode.sampler import GenerationRequest, Sampler, _Decoder
 from pipeline.errors import FluidError
+from tests.decode.conftest import TEXT
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Café crème, naïve façade. "
-        "日本語のテキストです。 Zwölf Boxkämpfer jagen Viktor quer über den Sylter Deich. ") * 20
 PROMPTS = ["The quick brown", "Café", "日本語の", "Zwölf Boxkämpfer jagen Viktor quer über den"]
 CPU_COST = {1: 1.0, 2: 1.6, 4: 1.45, 8: 1.6, 16: 1.93, 32: 2.5}  # pinned: verify's horizons do not follow timing
-
-
-@pytest.fixture(scope="module")
-def tok():
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]", "[EOS]", "[M]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", eos_token="[EOS]")
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.1, pad_token_id=tok.pad_token_id, eos_token_id=None,
-                      bos_token_id=None, tie_word_embeddings=False)
-    m = LlamaForCausalLM(cfg).eval()
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = tok.pad_token_id
-    return m
-
-
-@pytest.fixture(scope="module")
-def mask_id(tok):
-    return tok.convert_tokens_to_ids("[M]")
 
 
 @pytest.fixture
@@ -87,7 +56,8 @@ def test_verify_equals_ar_with_untrained_mask(sampler):
 
 def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
     """Make verify's drafts come from the AR reference with random errors (tests acceptance paths).
-    `by_position`: whether a draft is wrong depends only on its position, not on the call order."""
+    `by_position`: whether a draft is wrong depends only on its position, not on the call order.
+    The drafter has no other candidates (one token per position), so candidate trees stay closed."""
     rng = random.Random(seed)
 
     def wrong(pos):
@@ -101,7 +71,12 @@ def _oracle(monkeypatch, refs, error_rate, seed=0, by_position=False):
             out.append((t + 1) % 250 + 3 if wrong(start + j) else t)
         return out
 
+    def candidates(self, row, masks, start):
+        ref = refs[tuple(row.r.prompt_ids)]
+        return [[ref[i] if i < len(ref) else 7] for i in range(start, start + masks.shape[0])], [[1.0]] * len(masks)
+
     monkeypatch.setattr(_Decoder, "_propose", propose)
+    monkeypatch.setattr(_Decoder, "_candidates", candidates)
 
 
 @pytest.mark.parametrize("error_rate", [0.0, 0.25])
@@ -129,11 +104,11 @@ def test_verify_horizon_opens_with_flat_forward_cost_and_waits_on_cpu(model, tok
     assert out["flat"] > 1.3 and out["cpu"] < 1.1, out
 
 
-def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monkeypatch):
+def test_verify_spans_layout_drafts_after_every_verdict(model, tok, mask_id, monkeypatch):
     """Free widths: a span of masks at every pending token means a rejection costs no drafting step,
     so the same drafts commit more per forward than with the chain; output and cache stay exact."""
     tpf, layouts_seen = {}, {}
-    for layouts in (("chain",), ("chain", "tree")):
+    for layouts in (("chain",), ("chain", "spans")):
         s = Sampler(model, tok, mask_token_id=mask_id, k_max=6, forward_cost=[1.0], verify_layouts=layouts)
         ref = ar_tokens(s, PROMPTS, n=50)
         _oracle(monkeypatch, {tuple(tok(p)["input_ids"]): r for p, r in zip(PROMPTS, ref, strict=True)}, 0.4,
@@ -153,10 +128,12 @@ def test_verify_tree_layout_drafts_after_every_verdict(model, tok, mask_id, monk
         layouts_seen[layouts] = max(n for _, n in widths)
         out = s.generate([req(p, policy="verify", max_tokens=50) for p in PROMPTS])
         assert [r.token_ids for r in out] == ref, layouts
-    assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "tree")] > 2
-    assert tpf[("chain", "tree")] > 1.15 * tpf[("chain",)], tpf
+    assert layouts_seen[("chain",)] == 1 and layouts_seen[("chain", "spans")] > 2
+    assert tpf[("chain", "spans")] > 1.15 * tpf[("chain",)], tpf
     with pytest.raises(FluidError, match="verify layouts must be"):
         Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("star",))
+    with pytest.raises(FluidError, match="renamed 'spans'"):
+        Sampler(model, tok, mask_token_id=mask_id, verify_layouts=("tree",))
 
 
 @pytest.mark.parametrize("policy,gamma", [("fixed", 1.5), ("threshold", 1.01), ("khead", 2.0), ("entropy", -1e-6)])
@@ -207,11 +184,11 @@ def test_batched_equals_unbatched(sampler, tok, monkeypatch):
             assert a.stats.forwards == b.stats.forwards
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["cpu-cost", "flat-cost-tree"])
+@pytest.mark.parametrize("flat", [False, True], ids=["cpu-cost", "flat-cost-spans"])
 def test_staggered_arrivals_equal_unbatched(sampler, model, tok, monkeypatch, flat):
     """Continuous batching: rows join a running decoder between steps (their prompts prefilled apart,
     then joined to the cache) and leave when done; every row gets exactly its unbatched output (with
-    free widths greedy verify steps use the tree layout: rows with several mask spans in one batch)."""
+    free widths greedy verify steps use the spans layout: rows with several mask spans in one batch)."""
     if flat:
         sampler = Sampler(model, tok, mask_token_id=sampler.mask_token_id, k_max=8,
                           horizon_head=sampler.horizon_head, forward_cost=[1.0])
@@ -279,7 +256,7 @@ def test_elastic_policies_fall_back_to_ar(sampler, tok, monkeypatch, policy):
     # commits exactly its one AR token, so both outputs are the greedy AR output
     assert res.token_ids == ref[0]
     assert res.stats.accepted_hist == {1: 150}, res.stats
-    # verify: the prior's first (tree) horizon, then a few one-mask probes
+    # verify: the prior's first (spans) horizon, then a few one-mask probes
     assert res.stats.forwards == 150 and res.stats.mask_tokens <= 16, res.stats
 
 

@@ -42,3 +42,24 @@ def test_ar_and_verify_equal_hf_greedy_on_smollm2(smollm_sampler):
         assert verify.token_ids == ref, prompt  # lossless whatever the (untrained) drafts
         assert entropy.stats.forwards >= 18  # untrained drafts: nearly one token per forward
         assert smollm_sampler.mask_token_id not in verify.token_ids + entropy.token_ids
+
+
+@pytest.mark.parametrize("layout", ["candidates", "spans+candidates"])
+def test_candidate_trees_equal_hf_greedy_on_smollm2(smollm_sampler, monkeypatch, layout):
+    """Tree steps forced (K = 4, 8 nodes from the untrained mask's top tokens): alone and batched (rows of
+    different lengths), the output is HF greedy's."""
+    from pipeline.decode import candidates as cand
+    from pipeline.decode.cost_model import CostAwareHorizon
+    from pipeline.decode.sampler import GenerationRequest, Sampler
+
+    monkeypatch.setattr(CostAwareHorizon, "best", lambda self, floor=1: (4, layout, 8))
+    s = Sampler(smollm_sampler.model, smollm_sampler.tokenizer, mask_token_id=smollm_sampler.mask_token_id,
+                k_max=4, forward_cost=[1.0], verify_layouts=(layout,))
+    reqs = [GenerationRequest(prompt=p, max_tokens=12, policy="verify", stop_on_eos=False) for p in PROMPTS]
+    refs = [_hf_greedy(smollm_sampler, p, 12) for p in PROMPTS]
+    dec, trees = s.decoder(reqs[:1]), 0
+    while not dec.done:
+        dec.step()
+        trees += not cand.is_chain(dec.rows[0].parents)
+    assert dec.rows[0].generated == refs[0] and trees > 0
+    assert [r.token_ids for r in s.generate(reqs)] == refs
