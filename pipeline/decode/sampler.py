@@ -131,13 +131,6 @@ class Sampler:
         """A token id other than the mask, for timing forwards of clean tokens."""
         return 0 if self.mask_token_id != 0 else 1
 
-    @classmethod
-    def from_export(cls, path, *, device=None, dtype=None, trust_remote_code: bool = False) -> Sampler:
-        """Load an exported folder: HF model + tokenizer, `fluid.json`, optional `horizon_head.safetensors`."""
-        from pipeline.decode.load import load_sampler
-
-        return load_sampler(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-
     def encode(self, text: str) -> list[int]:
         with self.tokenizer_lock:
             return list(self.tokenizer(text)["input_ids"])

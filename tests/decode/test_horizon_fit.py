@@ -7,6 +7,7 @@ import torch
 
 from pipeline.decode.horizon_fit import fit_head, fold_normalisation, kl_loss, oracle_horizon, soft_target
 from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.load import load_sampler
 
 
 def test_oracle_horizon_stops_where_decoding_stops():
@@ -58,7 +59,7 @@ def test_fold_normalisation_matches_normalised_input():
 @pytest.mark.ray
 def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path, tracking_on):
     from jobs.fit_horizon import HEAD_FILE, main
-    from pipeline.decode.sampler import GenerationRequest, Sampler
+    from pipeline.decode.sampler import GenerationRequest
     from pipeline.export_format import read_fluid_meta
     from pipeline.model.causal_lm import add_mask_token
     from pipeline.train.export import export_hf
@@ -94,7 +95,7 @@ def test_fit_horizon_job_on_a_tiny_export(ray_local, tmp_path, tracking_on):
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "fit-horizon" and run.data.params["export"] == str(export)
     assert run.data.metrics["pairs"] == info["pairs"]
-    sampler = Sampler.from_export(export)
+    sampler = load_sampler(export)
     result = sampler.generate([GenerationRequest(prompt="the quick brown fox", max_tokens=6, policy="khead",
                                                  gamma=0.0)])[0]
     assert len(result.token_ids) == 6

@@ -10,6 +10,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from pipeline.decode import kvcache
 from pipeline.decode.detok import TextDeltas
 from pipeline.decode.horizon_head import HorizonHead
+from pipeline.decode.load import load_sampler
 from pipeline.decode.policies import ElasticHorizon, speculative_accept
 from pipeline.decode.sampler import GenerationRequest, Sampler, _Decoder
 from pipeline.errors import FluidError
@@ -456,7 +457,7 @@ def test_from_export_and_head_roundtrip(tmp_path, model, tok, mask_id):
         {"format_version": 1, "mask_token": "[M]", "mask_token_id": mask_id, "k_max": 8,
          "policy_defaults": {"policy": "khead", "gamma": 2.0, "max_horizon": 4},
          "base_model": {"spec": "tiny", "sha256": None}, "data_config": {}, "train_config": {}}))
-    s = Sampler.from_export(tmp_path)
+    s = load_sampler(tmp_path)
     loaded = s.horizon_head
     h = torch.randn(3, model.config.hidden_size)
     torch.testing.assert_close(loaded(h), head(h))
@@ -465,7 +466,7 @@ def test_from_export_and_head_roundtrip(tmp_path, model, tok, mask_id):
     ref = Sampler(model, tok, mask_token_id=mask_id).generate([req(PROMPTS[0], policy="ar", max_tokens=12)])[0]
     assert res.token_ids == ref.token_ids
     with pytest.raises(FluidError):
-        Sampler.from_export(tmp_path / "missing")
+        load_sampler(tmp_path / "missing")
 
 
 def test_eager_attention_batched(model, tok, mask_id):

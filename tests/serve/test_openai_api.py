@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.config import ServeConfig
+from pipeline.decode.load import load_sampler
 from pipeline.decode.policies import GenerationRequest, InvalidRequest
 from pipeline.errors import FluidError
 from pipeline.serve import openai_api as api
@@ -53,9 +54,8 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(export_dir):
-    from pipeline.decode.sampler import Sampler
 
-    return Sampler.from_export(export_dir)
+    return load_sampler(export_dir)
 
 
 # ---------------------------------------------------------------- validation

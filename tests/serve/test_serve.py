@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from pipeline.config import ServeConfig
+from pipeline.decode.load import load_sampler
 from tests.serve.test_openai_api import PROMPTS, export_tiny
 
 pytestmark = pytest.mark.ray
@@ -79,10 +80,9 @@ def test_completion_and_chat(server, export):
     out = r.json()
     # the same completion through the sampler in this process (greedy verify is lossless: AR's output)
     from pipeline.decode.policies import GenerationRequest
-    from pipeline.decode.sampler import Sampler
     from pipeline.serve.openai_api import render_chat
 
-    sampler = Sampler.from_export(export)
+    sampler = load_sampler(export)
     [want] = sampler.generate(GenerationRequest(prompt="the quick brown", max_tokens=16, temperature=0.0,
                                                 policy="verify", max_horizon=4))
     assert out["object"] == "text_completion"
