@@ -9,7 +9,7 @@ from pipeline.decode.show import render, step_chunks, use_colour
 from tests.decode import test_sampler as base
 from tests.decode.test_sampler import PROMPTS, _oracle, ar_tokens, req
 
-tok, model, mask_id, sampler = base.tok, base.model, base.mask_id, base.sampler  # its fixtures
+sampler = base.sampler  # its fixture (tok, model and mask_id come from tests/decode/conftest.py)
 
 
 def check_steps(result) -> None:
