@@ -39,7 +39,9 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    sampler = load_sampler(export)
+    # the user's sampler settings: a pinned forward cost makes verify's horizon, and so its tokens per
+    # forward, independent of this machine's timing (it was measured here whatever sampler.forward_cost said)
+    sampler = load_sampler(export, forward_cost=cfg.sampler.forward_cost or None, matmul=cfg.sampler.matmul)
     base = load_sampler(base_spec, cache_dir=cfg.model.cache_dir, k_max=sampler.k_max)
     policies = [p for p in e.policies if p != "khead" or sampler.horizon_head is not None]
     if "ar" not in policies:
@@ -316,6 +318,6 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
                      "base_nll": continuation_nll(base_model, prompt_ids, toks), "accepted_hist": hist})
     hf_same = sum(a == b for a, b in zip(ref, last[("hf", None)][0], strict=True))
     table = {"hf_tokens_per_s": statistics.median(tps[("hf", None)]), "ar_equals_hf": hf_same,
-             "matmul": sampler.matmul,
+             "matmul": sampler.matmul, "forward_cost": sampler.forward_cost.table(8),
              "prompts": len(prompt_ids), "rows": [r for r in rows if r["gamma"] is None]}
     return table, [r for r in rows if r["gamma"] is not None]

@@ -103,12 +103,14 @@ def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch,
     monkeypatch.setattr(eval_data, "lambada_items", lambda n, cache_dir=None: items[:n])
     cfg = load_config(None, [f"--model.cache_dir={cache}", "--eval.ce_sequences=4", "--eval.lambada_items=2",
                              "--eval.prompts=2", "--eval.max_tokens=6", "--eval.repeats=1", "--eval.gammas=[0.5]",
-                             "--eval.tasks=1", "--eval.policies=[ar,verify,threshold,khead]"])
+                             "--eval.tasks=1", "--eval.policies=[ar,verify,threshold,khead]",
+                             "--sampler.forward_cost=[1.0,1.25]"])
     r = evaluate(cfg, str(export), log=lambda m: None)
     rows = {row["policy"]: row for row in r["sampler"]["rows"]}
     assert set(rows) == {"ar", "verify", "threshold"}  # no horizon head: khead is left out
     assert rows["ar"]["prefix_agreement"] == 1.0 and rows["ar"]["match_rate"] == 1.0
     assert rows["ar"]["tokens_per_forward"] == 1.0 and r["sampler"]["ar_equals_hf"] == 2
+    assert r["sampler"]["forward_cost"][:3] == [1.0, 1.25, 1.5]  # sampler.forward_cost, not this machine's timing
     assert rows["ar"]["speedup_vs_ar"] == 1.0 and rows["verify"]["speedup_vs_ar"] > 0  # ar against itself, per round
     assert [p["gamma"] for p in r["gamma_sweep"]] == [0.5]
     ce = r["ce"]
