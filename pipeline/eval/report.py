@@ -100,17 +100,7 @@ def write_plots(r: dict, metrics_rows: list[dict], folder: str | Path) -> list[s
 
     hists = {row["policy"]: row["accepted_hist"] for row in r.get("sampler", {}).get("rows", []) if row.get("accepted_hist")}
     if hists:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        width = 0.8 / len(hists)
-        for i, (pol, h) in enumerate(hists.items()):
-            total = sum(h.values()) or 1
-            ks = sorted(int(k) for k in h)
-            ax.bar([k + i * width for k in ks], [h[k] / total if k in h else h[str(k)] / total for k in ks],
-                   width=width, label=pol)
-        ax.set(xlabel="tokens committed by one forward", ylabel="share of forwards",
-               title="Accepted length per forward")
-        ax.legend()
-        out.append(_save(fig, folder / "accepted_hist.png"))
+        out.append(_accepted_hist(plt, hists, folder / "accepted_hist.png"))
 
     if r.get("horizon"):
         out.append(_horizon_widths(plt, r["horizon"], folder / "horizon_widths.png"))
@@ -129,6 +119,20 @@ def write_plots(r: dict, metrics_rows: list[dict], folder: str | Path) -> list[s
         ax.legend()
         out.append(_save(fig, folder / "speed_vs_agreement.png"))
     return out
+
+
+def _accepted_hist(plt, hists: dict, path: Path) -> str:
+    """Bars per policy: the share of forwards that committed 1, 2, … tokens."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(hists)
+    for i, (pol, h) in enumerate(hists.items()):
+        total = sum(h.values()) or 1
+        ks = sorted(int(k) for k in h)
+        ax.bar([k + i * width for k in ks], [h[k] / total if k in h else h[str(k)] / total for k in ks],
+               width=width, label=pol)
+    ax.set(xlabel="tokens committed by one forward", ylabel="share of forwards", title="Accepted length per forward")
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> str:
