@@ -65,7 +65,7 @@ def run(spec: str, *, dtypes: list[str], rank: int, targets: list[str], layer_se
             model = drafter_model(resolved.path, getattr(torch, name), rank=rank, targets=targets, layers=layers,
                                   mask_token_id=resolved.mask_token_id)
             n_mod = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-            got = measure(model, resolved.mask_token_id, token_id=resolved.mask_token_id - 1 if resolved.mask_token_id else 1,
+            got = measure(model, resolved.mask_token_id, token_id=0 if resolved.mask_token_id else 1,
                           widths=widths, repeats=repeats)
             for form in FORMS if layers is None else FORMS[:1]:
                 rows.append({"dtype": name, "adapter": form, "layers": "all" if layers is None else _span(layers),

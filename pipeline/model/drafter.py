@@ -55,8 +55,8 @@ class _Gate:
     def set(self, gate: torch.Tensor, dtype: torch.dtype) -> None:
         self.current = gate
         self.active = bool(gate.any())
-        self.weight = gate[..., None].to(dtype) if self.active else None
         self.rows = _draft_rows(gate) if self.active and self.row_path and not torch.is_grad_enabled() else None
+        self.weight = gate[..., None].to(dtype) if self.active and self.rows is None else None  # training form only
 
 
 def _draft_rows(gate: torch.Tensor) -> slice | torch.Tensor:
