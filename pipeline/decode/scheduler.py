@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from pipeline.errors import FluidError
 
 GRID_ROWS = (1, 2, 4, 8, 16, 32, 64)
 GRID_WIDTHS = (1, 2, 4, 8, 16)
+BUDGET_S = 20.0  # measuring stops at the next batch size past this (seconds)
 CACHE_FOLDER = "step_cost"  # under the FLUID cache dir (sources.model_source.default_cache_dir)
 
 
@@ -194,13 +196,17 @@ def allowed_rows(max_rows: int, grid: Sequence[int] = GRID_ROWS) -> list[int]:
 
 @torch.inference_mode()
 def measure_steps(model, rows: Sequence[int], widths: Sequence[int] = GRID_WIDTHS, *, context: int = 32,
-                  repeats: int = 2, token_id: int = 0, mask_token_id: int | None = None) -> dict[tuple[int, int], float]:
-    """Median seconds of a step per (rows, width) (`cost_model.time_widths` at each batch size)."""
-    out = {}
-    for r in rows:
+                  repeats: int = 2, token_id: int = 0, mask_token_id: int | None = None,
+                  budget_s: float = BUDGET_S) -> dict[tuple[int, int], float]:
+    """Median seconds of a step per (rows, width) (`cost_model.time_widths` at each batch size, smallest
+    first). Past `budget_s` (a slow device: a CPU) the larger batch sizes are left to extrapolation."""
+    out, t0 = {}, time.perf_counter()
+    for r in sorted(rows):
+        if len(out) >= 2 * len(widths) and time.perf_counter() - t0 > budget_s:
+            break
         times = time_widths(model, list(widths), past=context, repeats=repeats, token_id=token_id,
                             mask_token_id=mask_token_id, rows=r)
-        out.update({(r, w): sorted(t)[len(t) // 2] for w, t in times.items()})
+        out.update({(r, w): statistics.median(t) for w, t in times.items()})
     return out
 
 

@@ -161,3 +161,12 @@ def test_sampler_calibrates_steps_and_decoder_follows_the_scheduler(model, tok, 
         assert [r.token_ids for r in res] == ref, name
         tpf[name] = [r.stats.tokens_per_forward for r in res]
     assert min(tpf["flat"]) > 2.5 and tpf["steep"] == [1.0] * len(PROMPTS), tpf
+
+
+def test_measuring_stops_past_its_budget_and_the_rest_is_extrapolated(model):
+    from pipeline.decode.scheduler import measure_steps
+
+    times = measure_steps(model, [1, 2, 4, 8], (1, 2), repeats=1, budget_s=0.0)
+    assert sorted({r for r, _ in times}) == [1, 2]
+    cost = StepCost(times)
+    assert cost(8, 2) >= cost(2, 2) > 0
