@@ -212,10 +212,11 @@ class FluidServer:
             if kind == "chat":
                 buf.append(api.sse(api.chunk(kind, rid, model, None, role=True)))
             async for ch in ticket.chunks():
-                extra = {"fluid": {"step": ch.step}}  # the forward that committed the chunk's tokens
+                # the forward that committed the chunk's tokens, and how many it committed
+                extra = {"fluid": {"step": ch.step, "committed": len(ch.token_ids)}}
                 if ch.result is not None:
                     extra["fluid"] = api.fluid_stats(ch.result.stats, queue_time_s=round(ticket.queue_time_s, 4),
-                                                     batch_size=ticket.batch_size, step=ch.step)
+                                                     batch_size=ticket.batch_size, **extra["fluid"])
                 buf.append(api.sse(api.chunk(kind, rid, model, ch.text, ch.finish_reason, **extra)))
                 if ch.result is not None and p.include_usage:
                     u = api.usage(ch.result.prompt_tokens, len(ch.result.token_ids))
