@@ -2,7 +2,7 @@
 
   fluid bench data          Ray Data pipeline vs the best single-process loop (jobs/bench_data.py)
   fluid bench sampler       decoding policies vs HF greedy generate (jobs/bench_sampler.py)
-  fluid bench serve         Ray Serve throughput, N clients vs 1 (jobs/load_test.py)
+  fluid bench serve         Ray Serve throughput, N clients vs 1, or --policies ar,verify at 1-64 clients (jobs/load_test.py)
   fluid bench drafter-step  what the drafter adds to a step of each width (jobs/bench_drafter_step.py)
 
 Options after the name go to that benchmark (`fluid bench sampler --help`); `--record FILE.json`
@@ -11,7 +11,8 @@ Options after the name go to that benchmark (`fluid bench sampler --help`); `--r
 same result is printed as a Markdown table (machine, date, command, rows, goals) for BENCHMARKS.md.
 Benchmarks print tables and exit 1 when a goal they state is not met (data: Ray Data ≤ 10 % over the
 loop, ≥ 0.5 draft targets per token, the same examples in the same order; sampler: entropy and verify
-≥ 0.95× our ar loop, verify lossless in float32; serve: the load test's goals; drafter-step: a masked
+≥ 0.95× our ar loop, verify lossless in float32; serve: the load test's goals — with --policies, outputs
+identical across loads and to the sampler's, verify >= ar at every level and >= 1.3x at 1 and 4 clients; drafter-step: a masked
 step ≤ 1.10× a plain one of the same width), 2 on an error; they
 are not tests.
 """

@@ -40,36 +40,48 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_request(opener, url: str, body: dict, headers: dict, timeout: float) -> dict:
-    """POST one completion; returns latency, tokens, forwards, time to first chunk, or an error."""
+    """POST one completion; returns latency, tokens, forwards, time to first chunk, the text and, when
+    streaming, the per-token latencies (`itl`: the time between two chunks shared among the tokens the
+    later one carries, from the server's `fluid.committed`), or an error."""
     data = json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
     t0 = time.perf_counter()
-    ttft, tokens, forwards = None, 0, 0
+    ttft, tokens, forwards, text, itl = None, 0, 0, [], []
     try:
         with opener.open(req, timeout=timeout) as r:
             if body.get("stream"):
+                last = None
                 for raw in r:
                     line = raw.decode().strip()
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    ev = json.loads(line[6:])
-                    if ttft is None and ev.get("choices"):
-                        ttft = time.perf_counter() - t0
+                    ev, now = json.loads(line[6:]), time.perf_counter()
+                    if ev.get("choices"):
+                        ttft = now - t0 if ttft is None else ttft
+                        text.append(ev["choices"][0].get("text") or "")
+                        n = int(ev.get("fluid", {}).get("committed", 0))
+                        if last is not None and n:
+                            itl += [(now - last) / n] * n
+                        last = now
                     forwards = ev.get("fluid", {}).get("forwards", forwards)
                     tokens = (ev.get("usage") or {}).get("completion_tokens", tokens)
             else:
                 out = json.loads(r.read())
                 tokens, forwards = out["usage"]["completion_tokens"], out["fluid"]["forwards"]
+                text.append(((out.get("choices") or [{}])[0]).get("text") or "")
     except urllib.error.HTTPError as e:
         return {"error": f"HTTP {e.code}", "latency": time.perf_counter() - t0}
     except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
         return {"error": type(e).__name__, "latency": time.perf_counter() - t0}
-    return {"latency": time.perf_counter() - t0, "tokens": tokens, "forwards": forwards, "ttft": ttft}
+    return {"latency": time.perf_counter() - t0, "tokens": tokens, "forwards": forwards, "ttft": ttft,
+            "text": "".join(text), "itl": itl}
 
 
-def run_load(url: str, clients: int, total: int, body: dict, headers: dict, *, timeout: float,
-             deadline_s: float) -> dict:
-    """`clients` threads issue `total` requests in all (back to back); returns the run's summary."""
+def run_load(url: str, clients: int, total: int, body: dict | list[dict], headers: dict, *, timeout: float,
+             deadline_s: float, outputs: dict | None = None) -> dict:
+    """`clients` threads issue `total` requests in all (back to back; request i sends body i modulo the
+    bodies given); returns the run's summary. `outputs` receives each answered request's text by body index."""
+    bodies = body if isinstance(body, list) else [body]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     lock, results, issued = threading.Lock(), [], [0]
     stop_at = time.perf_counter() + deadline_s
@@ -79,10 +91,13 @@ def run_load(url: str, clients: int, total: int, body: dict, headers: dict, *, t
             with lock:
                 if issued[0] >= total or time.perf_counter() > stop_at:
                     return
+                i = issued[0] % len(bodies)
                 issued[0] += 1
-            res = one_request(opener, url, body, headers, timeout)
+            res = one_request(opener, url, bodies[i], headers, timeout)
             with lock:
                 results.append(res)
+                if outputs is not None and "error" not in res:
+                    outputs.setdefault(i, []).append(res["text"])
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
@@ -98,12 +113,13 @@ def run_load(url: str, clients: int, total: int, body: dict, headers: dict, *, t
             errors[r["error"]] = errors.get(r["error"], 0) + 1
     lat = [r["latency"] * 1e3 for r in ok]
     ttft = [r["ttft"] * 1e3 for r in ok if r.get("ttft") is not None]
+    itl = [x * 1e3 for r in ok for x in r["itl"]]
     tokens, forwards = sum(r["tokens"] for r in ok), sum(r["forwards"] for r in ok)
     return {"clients": clients, "requests": len(results), "errors": sum(errors.values()), "error_kinds": errors,
             "wall_s": wall, "req/s": len(ok) / wall if wall else 0.0, "tok/s": tokens / wall if wall else 0.0,
             "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
-            "ttft_p50_ms": percentile(ttft, 50), "tok/fwd": tokens / forwards if forwards else 0.0,
-            "unfinished": total - len(results)}
+            "ttft_p50_ms": percentile(ttft, 50), "tok_p50_ms": percentile(itl, 50), "tok_p99_ms": percentile(itl, 99),
+            "tok/fwd": tokens / forwards if forwards else 0.0, "unfinished": total - len(results)}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -142,8 +158,9 @@ def start_local_server(cfg, clients: int) -> str:
         sc.max_batch_size = clients
     app = build_app(replica_config(sc))  # a key in $FLUID_API_KEY reaches the replicas as a salted digest
     with key_env_hidden(sc.api_key_env):  # the raw key stays in this process: no Ray process inherits it
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        if not ray.is_initialized():  # else: this process's Ray (a test session's)
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
     serve.start(http_options={"host": sc.host, "port": sc.port})
     serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
     return f"http://{LOOPBACK_HOST}:{sc.port}{sc.route_prefix.rstrip('/')}"
@@ -200,15 +217,20 @@ def plan(args) -> list[tuple[int, int, int]]:
     return [(1, args.clients, args.requests or 16 * args.clients)]
 
 
-def measure(args, cfg, base: str) -> tuple[str, list[dict]]:
-    """Against the server at `base`: its model's name and a row per run of the plan (after a warm-up)."""
+def server_model(args, cfg, base: str) -> tuple[str, dict, str]:
+    """(`base` without a trailing slash, the auth headers, the served model's name); loopback only."""
     if (urlsplit(base).hostname or "") not in LOOPBACK_HOSTS:
         raise FluidError(f"--url {base}: this load test only targets 127.0.0.1/localhost")
     base = base.rstrip("/")
     headers = auth_headers(cfg)
     models = json.loads(urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
         urllib.request.Request(f"{base}/v1/models", headers=headers), timeout=args.timeout).read())
-    model = models["data"][0]["id"]
+    return base, headers, models["data"][0]["id"]
+
+
+def measure(args, cfg, base: str) -> tuple[str, list[dict]]:
+    """Against the server at `base`: its model's name and a row per run of the plan (after a warm-up)."""
+    base, headers, model = server_model(args, cfg, base)
     body = request_body(args, model)
     url = f"{base}/v1/completions"
     run_load(url, 2, 4, body, headers, timeout=args.timeout, deadline_s=args.max_seconds)  # warm-up
@@ -252,16 +274,28 @@ def report(args, model: str, base: str, rows: list[dict]) -> int:
 
 
 def run(args, cfg) -> int:
-    """The load test: a local server when one is asked for (stopped at the end), the runs, the report."""
-    tmp = None
+    """The load test: a local server when one is asked for (stopped at the end), the runs, the report;
+    with --policies the policy sweep of serve_sweep.py."""
+    from pipeline.bench import serve_sweep
+
+    tmp, rc = None, None
     if args.tiny:
         tmp = tempfile.TemporaryDirectory(prefix="fluid-load-")
         cfg.serve.model = str(export_tiny(Path(tmp.name) / "tiny"))
         cfg.serve.model_name = cfg.serve.model_name or "tiny"
     local = bool(cfg.serve.model) and not args.url
+    clients = args.clients
+    if args.policies:
+        clients = max(int(x) for x in (args.levels or serve_sweep.DEFAULT_LEVELS).split(","))
+        if local and cfg.serve.dtype == "auto":  # greedy outputs are compared with float32 decoding
+            cfg.serve.dtype = "float32"
     try:
-        base = start_local_server(cfg, args.clients) if local else (args.url or f"http://{LOOPBACK_HOST}:{cfg.serve.port}")
-        model, rows = measure(args, cfg, base)
+        base = start_local_server(cfg, clients) if local else (args.url or f"http://{LOOPBACK_HOST}:{cfg.serve.port}")
+        if args.policies:
+            base, headers, model = server_model(args, cfg, base)
+            rc = serve_sweep.run_sweep(args, cfg, base, headers, model, tiny=args.tiny)
+        else:
+            model, rows = measure(args, cfg, base)
     finally:
         if local:
             from ray import serve
@@ -269,4 +303,4 @@ def run(args, cfg) -> int:
             serve.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    return report(args, model, base.rstrip("/"), rows)
+    return rc if rc is not None else report(args, model, base.rstrip("/"), rows)

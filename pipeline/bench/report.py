@@ -1,7 +1,7 @@
 """The records of `fluid bench data|sampler|serve|drafter-step`: a benchmark's raw output → one record each.
 
 In:  the benchmark's name and the text it wrote (data, sampler: the JSON of `--json`; serve: the JSONL
-     of `--out`, one run a line), plus the record's context (load before, command, figure, commit).
+     of `--out`, one run a line, or with --policies one table row a line), plus the record's context (load before, command, figure, commit).
 Out: a record in the schema of pipeline/records.py (columns named for the table, rows, goals,
      settings), for `records.emit` to print as Markdown and write as JSON.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from pipeline.bench.load_test import COLUMNS as SERVE_COLUMNS
+from pipeline.bench.serve_sweep import COLUMNS as SWEEP_COLUMNS
 from pipeline.records import record
 
 DATA_COLUMNS = ["pipeline", "TOKENIZERS_PARALLELISM", "cores", "wall s", "tokens/s", "1st batch s", "vs best loop %"]
@@ -32,7 +33,8 @@ def sampler_record(raw: dict, **context) -> dict:
 
 
 def serve_record(rows: list[dict], **context) -> dict:
-    cols = [c for c in SERVE_COLUMNS if rows and c in rows[0]] or (list(rows[0]) if rows else [])
+    known = SWEEP_COLUMNS if rows and "policy" in rows[0] else SERVE_COLUMNS  # --policies: its table's rows
+    cols = [c for c in known if rows and c in rows[0]] or (list(rows[0]) if rows else [])
     return record("serve", cols, rows, **context)
 
 

@@ -30,8 +30,8 @@ tree step cannot take the model's built-in causal path, e.g. a fused causal kern
 at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU
 with matrix units) spans win: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
-batch every row pays for the batch's width, so widths are priced at least at the width the batch has
-anyway (`floor`). K > 1 is chosen only when it beats AR by `margin`.
+batch every row pays for the batch's width: there the batch scheduler (scheduler.py) prices the whole
+step by rows × width and picks each row's plan from its `frontier`. K > 1 is chosen only when it beats AR by `margin`.
 
 Trees: a[j][r] is the chance that greedy AR's token at depth j is the drafter's rank-r token once depth
 j − 1 was reached (rank 1: a_j; ranks 2…TOP_K: decayed counts of the rank AR's token had, which every
@@ -177,9 +177,9 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
 
 @torch.inference_mode()
 def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 3, token_id: int = 0,
-                mask_token_id: int | None = None, explicit_mask: bool = False) -> dict[int, list[float]]:
-    """Seconds of one forward of w new tokens after a `past`-token KV cache, per width (one warm-up
-    each, then `repeats` rounds in alternating order), as the sampler runs them: width 1 is one clean
+                mask_token_id: int | None = None, explicit_mask: bool = False, rows: int = 1) -> dict[int, list[float]]:
+    """Seconds of one forward of w new tokens in each of `rows` rows after a `past`-token KV cache, per
+    width (one warm-up each, then `repeats` rounds in alternating order), as the sampler runs them: width 1 is one clean
     token (`token_id`), a wider step one clean token then w − 1 masks (`mask_token_id`; a frozen-base
     drafter's adapter runs only where masks are: ~200 extra small matrix products per forward for
     SmolLM2, which a step with masks pays and an AR step does not). `explicit_mask`: pass the causal
@@ -192,14 +192,14 @@ def time_widths(model, widths: Sequence[int], *, past: int = 32, repeats: int = 
     kwarg = cache_kwarg(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cache = DynamicCache(config=model.config)
-    ids = torch.full((1, past + max(widths)), int(token_id), dtype=torch.long, device=device)
+    ids = torch.full((max(1, int(rows)), past + max(widths)), int(token_id), dtype=torch.long, device=device)
     model(input_ids=ids[:, :past], use_cache=True, logits_to_keep=1, **{kwarg: cache})
     step = ids[:, : max(widths)].clone()
     if mask_token_id is not None:
         step[:, 1:] = int(mask_token_id)
 
     def once(w: int) -> float:
-        pos = torch.arange(past, past + w, device=device)[None, :]
+        pos = torch.arange(past, past + w, device=device)[None, :].expand(ids.shape[0], -1)
         extra = {"attention_mask": _causal_4d(model, past, w, device)} if explicit_mask else {}
         sync()
         t0 = time.perf_counter()
@@ -378,6 +378,50 @@ class CostAwareHorizon:
         top = top if top[0] > 1 and top_rate >= (1.0 + self.margin) * ar else (1, "chain", 0)
         self._memo["best", floor] = top
         return top
+
+    def frontier(self) -> list[tuple[int, float, int, str, int]]:
+        """The plans a batch scheduler (scheduler.py) chooses among: (stationary step width, expected
+        tokens committed per forward when every forward costs the same, K, layout, tree size), by width,
+        each committing more than every narrower one; the first is AR (1, 1.0, 1, "chain", 0). Widths:
+        chain 2K − 1, spans K², candidates 1 + n + D, spans+candidates 1 + n + (n + 1)·D (module
+        docstring; the same rates with c ≡ 1, m = 1: in a batch the step is priced as a whole)."""
+        if "frontier" in self._memo:
+            return self._memo["frontier"]
+        plans, surv, s = [(1, 1.0, 1, "chain", 0)], 1.0, 0.0
+        for k, a in enumerate(self.acceptance(), start=2):
+            surv *= a
+            s += surv
+            if "chain" in self.layouts:
+                plans.append((2 * k - 1, (2.0 + s - surv) / (2.0 - surv), k, "chain", 0))
+            if "spans" in self.layouts and k <= SPANS_MAX_K:
+                plans.append((k * k, 1.0 + s, k, "spans", 0))
+        for layout, own in (("candidates", "chain"), ("spans+candidates", "spans")):
+            trees = self.trees()
+            if layout not in self.layouts or (trees is None and own in self.layouts):
+                continue  # chain-shaped trees: the chain or spans layout runs them without a tree's mask
+            if trees is None:
+                acc = [[a] for a in self.acceptance()]
+                trees = [expected_tree(acc[:d], MAX_NODES) for d in range(1, min(self.cap, SPANS_MAX_K))]
+            for d, (e_by_n, leaf_by_n) in enumerate(trees, start=1):
+                for n, (e, leaf) in enumerate(zip(e_by_n, leaf_by_n, strict=True), start=1):
+                    if layout == "candidates":
+                        plans.append((1 + n + d, (2.0 + e - leaf) / (2.0 - leaf), d + 1, layout, n))
+                    elif 1 + n + (n + 1) * d <= TREE_MAX_WIDTH:
+                        plans.append((1 + n + (n + 1) * d, 1.0 + e, d + 1, layout, n))
+        out: list[tuple[int, float, int, str, int]] = []
+        for p in sorted(plans, key=lambda p: (p[0], -p[1])):  # stable: ties keep the order of LAYOUTS
+            if not out or p[1] > out[-1][1]:
+                out.append(p)
+        self._memo["frontier"] = out
+        return out
+
+    def assign(self, k: int, layout: str = "chain", nodes: int = 0, probing: bool = False) -> int:
+        """Take the plan a batch scheduler chose for the next step (instead of `choose`); returns K."""
+        self.probing = bool(probing) and k > 1
+        self.spans = k > 1 and not self.probing and layout in ("spans", "spans+candidates")
+        self.candidates = k > 1 and not self.probing and layout in TREE_LAYOUTS
+        self.nodes = int(nodes) if self.candidates else 0
+        return max(1, int(k))
 
     def choose(self, clean: int = 1, floor: int = 1) -> int:
         """The horizon of the next step, for a row feeding `clean` tokens in a batch at least `floor`

@@ -21,7 +21,9 @@ Continuous batching (iteration-level scheduling, as Orca and vLLM do): `_Decoder
 between steps and finished rows leave after the step that finished them. A new row's prompt is fed in
 a forward of its own (with the other rows admitted at the same time) on a fresh cache, which is then
 joined to the running cache (kvcache.join_rows), so the running rows never pay for a wide prefill
-input. Each row keeps its own horizon, positions and cache entries: output equals unbatched decoding.
+input. Each row keeps its own horizon, positions and cache entries: output equals unbatched decoding. With
+several rows, greedy verify's K and layouts come from the batch scheduler (scheduler.py: the cost of the
+whole step by rows × width against each row's expected acceptance); one row decides alone, as before.
 Text is detokenized incrementally (detok.py), stop strings are matched on the newest text only.
 """
 
@@ -46,6 +48,7 @@ from pipeline.decode.policies import (
     speculative_accept,
 )
 from pipeline.decode.rows import _Row
+from pipeline.decode.scheduler import Demand
 from pipeline.errors import FluidError
 from pipeline.model.attention import to_additive
 
@@ -81,13 +84,13 @@ class _Decoder:
         """Cache entries held (rows × cache length, holes included): the decoder's KV use."""
         return int(self.valid.numel())
 
-    def _horizon(self, row: _Row, floor: int = 1) -> int:
-        """K of the row's next step; `floor`: the width the batch has without this row."""
+    def _horizon(self, row: _Row) -> int:
+        """K of the row's next step, as the row alone decides it."""
         r = row.r
         if r.policy == "ar":
             k = 1
         elif isinstance(row.horizon, CostAwareHorizon):
-            k = 1 if row.observe else row.horizon.choose(len(row.feed), floor)
+            k = 1 if row.observe else row.horizon.choose(len(row.feed))
         elif r.policy in ELASTIC:
             k = row.horizon.k
             if r.policy == "verify" and (row.observe or (row.n_drafts and row.horizon.probing)):
@@ -98,6 +101,11 @@ class _Decoder:
                 k = 1  # the head's horizons keep failing: plain AR until the controller's next probe
         else:
             k = r.max_horizon
+        return self._clamp(row, k)
+
+    def _clamp(self, row: _Row, k: int) -> int:
+        """K within the row's cap and what it may still commit."""
+        r = row.r
         remaining = r.max_tokens - len(row.generated)
         if r.policy == "verify":
             remaining -= max(cand.depths(row.parents), default=0) + 1  # what the pending drafts may commit first
@@ -177,15 +185,27 @@ class _Decoder:
         return events
 
     def _plan(self, rows: list[_Row]) -> tuple[list[int], list[list[int]]]:
-        """Each row's horizon k and span anchors; with several rows, cost-aware horizons are priced at
-        the width the other rows give the batch."""
-        ks = [self._horizon(row) for row in rows]
-        if len(rows) > 1:
-            widths = [len(row.feed) + len(self._anchors(row, k)) * (k - 1) for row, k in zip(rows, ks, strict=True)]
-            top = sorted(widths)[-2:]
-            ks = [self._horizon(row, top[1] if w < top[1] else top[0]) if isinstance(row.horizon, CostAwareHorizon)
-                  else k for row, k, w in zip(rows, ks, widths, strict=True)]
+        """Each row's horizon k and span anchors; with several rows and cost-aware horizons among them,
+        the batch scheduler (scheduler.py) prices the whole step and sets their k and layouts."""
+        if len(rows) > 1 and any(isinstance(row.horizon, CostAwareHorizon) for row in rows):
+            ks = self._schedule(rows)
+        else:
+            ks = [self._horizon(row) for row in rows]
         return ks, [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
+
+    def _schedule(self, rows: list[_Row]) -> list[int]:
+        """The scheduler's k per row; a row whose policy sets its own k (or a probe's verdict is pending)
+        keeps it and counts as a fixed width."""
+        demands, fixed = [], {}
+        for i, row in enumerate(rows):
+            if isinstance(row.horizon, CostAwareHorizon) and not row.observe:
+                demands.append(Demand(len(row.feed), row.horizon))
+            else:
+                fixed[i] = self._horizon(row)
+                demands.append(Demand(len(row.feed), width=len(row.feed) + fixed[i] - 1))
+        plan = self.s.scheduler.plan(demands)
+        return [fixed[i] if i in fixed else self._clamp(row, row.horizon.assign(c.k, c.layout, c.nodes, c.probing))
+                for i, (row, c) in enumerate(zip(rows, plan, strict=True))]
 
     def _read_row(self, row: _Row, logits: torch.Tensor, k: int, anchors: list[int], hidden) -> tuple[list[int], list[int]]:
         """(the row's step slots whose cache entries stay, tokens it commits) from its logits; advances

@@ -37,6 +37,7 @@ from pipeline.decode.policies import (
     resolve,
 )
 from pipeline.decode.rows import GenerationResult, GenerationStats, StreamChunk, _Row
+from pipeline.decode.scheduler import Scheduler, StepCost, calibrate_steps
 from pipeline.errors import FluidError
 from pipeline.model.causal_lm import cache_kwarg
 
@@ -58,7 +59,7 @@ class Sampler:
     def __init__(self, model, tokenizer, *, mask_token_id: int, k_max: int = NoiseConfig.k_max,
                  horizon_head: HorizonHead | None = None, device=None, policy_defaults: dict | None = None,
                  forward_cost: ForwardCost | list[float] | None = None,
-                 verify_layouts: tuple[str, ...] = LAYOUTS):
+                 verify_layouts: tuple[str, ...] = LAYOUTS, step_cost: StepCost | None = None):
         if not isinstance(k_max, int) or k_max < 1:
             raise InvalidRequest(f"k_max must be an integer >= 1, got {k_max!r}")
         # input vocabulary: a frozen-base drafter reads [M] from a vector of its own, outside the base
@@ -98,6 +99,7 @@ class Sampler:
         if forward_cost is not None and not isinstance(forward_cost, ForwardCost):
             forward_cost = ForwardCost(forward_cost)
         self._forward_cost = forward_cost
+        self._step_cost, self._scheduler = step_cost, None
         self.verify_layouts = check_layouts(verify_layouts)  # the step layouts greedy verify may use
 
     @property
@@ -120,6 +122,31 @@ class Sampler:
         if self._forward_cost is None:
             self._forward_cost = calibrate(self.model, token_id=self.clean_probe_id, mask_token_id=self.mask_token_id)
         return self._forward_cost
+
+    @property
+    def step_cost(self) -> StepCost:
+        """Cost of a step by rows × width that the batch scheduler plans with: given, measured by
+        `calibrate_steps`, or else the forward cost of rows × width tokens (`StepCost.from_forward`)."""
+        return self._step_cost or StepCost.from_forward(self.forward_cost)
+
+    @step_cost.setter
+    def step_cost(self, cost: StepCost | None) -> None:
+        self._step_cost, self._scheduler = cost, None
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The batch scheduler of greedy verify's cost-aware rows (pipeline/decode/scheduler.py)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.step_cost)
+        return self._scheduler
+
+    def calibrate_steps(self, max_rows: int, cache_dir=None) -> dict:
+        """Measure (or read from the cache) the step cost over the batch sizes up to `max_rows` on this
+        device and dtype (scheduler.calibrate_steps); returns what it did (cached, seconds, file)."""
+        cost, info = calibrate_steps(self.model, max_rows, token_id=self.clean_probe_id,
+                                     mask_token_id=self.mask_token_id, cache_dir=cache_dir)
+        self.step_cost = cost
+        return info
 
     @property
     def matmul(self) -> str:

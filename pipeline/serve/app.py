@@ -9,7 +9,9 @@ Out: `build_app(cfg)` → the Serve Application: `FluidServer` replicas behind `
      the replicas enforce the key the driver was given. Replica metrics go to Ray's metrics export
      port (metrics.py).
 
-Each replica loads the model once and batches requests continuously (engine.py); an export staged
+Each replica loads the model once, measures (or reads from its disk cache) the cost of a decoding step
+over the batch sizes up to `max_batch_size` for the batch scheduler (pipeline/decode/scheduler.py), and
+batches requests continuously (engine.py); an export staged
 from an fsspec URL into a temporary folder is removed when the replica stops (`__del__`). Overload → 429 +
 Retry-After; a disconnected client's request is cancelled. `FluidServer` is a plain class, so tests
 run it without Ray (`http.make_app(FluidServer(cfg))`).
@@ -108,6 +110,9 @@ class FluidServer:
         self.staged = None
         self.sampler, path = load_replica_sampler(self.cfg)
         self.staged = path  # removed again when the replica stops (`shutdown`), if a temporary copy
+        steps = self.sampler.calibrate_steps(self.cfg.max_batch_size)  # what the batch scheduler prices
+        log.info("step cost over batch sizes up to %d: %s in %.2f s (%s)", self.cfg.max_batch_size,
+                 "read from the cache" if steps["cached"] else "measured", steps["seconds"], steps["file"])
         name = self.cfg.model_name or Path(self.cfg.model.rstrip("/")).name or path.name
         vocab = self.sampler.model.get_output_embeddings().weight.shape[0]
         self.limits = api.Limits(name, self.cfg.max_tokens_limit, vocab, self.sampler.mask_token_id,
@@ -207,10 +212,11 @@ class FluidServer:
             if kind == "chat":
                 buf.append(api.sse(api.chunk(kind, rid, model, None, role=True)))
             async for ch in ticket.chunks():
-                extra = {"fluid": {"step": ch.step}}  # the forward that committed the chunk's tokens
+                # the forward that committed the chunk's tokens, and how many it committed
+                extra = {"fluid": {"step": ch.step, "committed": len(ch.token_ids)}}
                 if ch.result is not None:
                     extra["fluid"] = api.fluid_stats(ch.result.stats, queue_time_s=round(ticket.queue_time_s, 4),
-                                                     batch_size=ticket.batch_size, step=ch.step)
+                                                     batch_size=ticket.batch_size, **extra["fluid"])
                 buf.append(api.sse(api.chunk(kind, rid, model, ch.text, ch.finish_reason, **extra)))
                 if ch.result is not None and p.include_usage:
                     u = api.usage(ch.result.prompt_tokens, len(ch.result.token_ids))
