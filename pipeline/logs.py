@@ -5,7 +5,7 @@ In:  the one setting, `train.verbose` (pipeline/config.py), recorded by `set_ver
 Out: `say(line)` (a progress line, one copy wherever it runs); the Ray knobs, applied where Ray starts
      or is joined (`pipeline.data.ray_pipeline.init_ray`) and where the trainer is built
      (`pipeline.train.fit`): `ray_init_options`, `DATA_CONTEXT_QUIET`, `quiet_driver`, `quiet_worker`
-     (a `worker_process_setup_hook`), `train_log_level`, `quiet_ray_train`.
+     (a `worker_process_setup_hook`), `train_log_level`, `one_copy_of_prints`, `quiet_ray_train`.
 
 What is quiet at the default verbosity, each with Ray 2.60's own knob (nothing is grepped away):
 * the driver's INFO lines ("Started a local Ray instance", "Connecting to existing Ray cluster"):
@@ -67,10 +67,15 @@ def say(line: str) -> None:
 def ray_init_options() -> dict:
     """Keyword arguments for `ray.init` at the current verbosity (empty when verbose). Joining a cluster
     from a submitted job, Ray merges the job's runtime env with this one."""
-    os.environ.setdefault(PRINT_PATCH_ENV, "0")  # read by the trainer on this driver, passed to its workers
     if _verbose:
         return {}
     return {"logging_level": logging.WARNING, "runtime_env": {"worker_process_setup_hook": quiet_worker}}
+
+
+def one_copy_of_prints() -> None:
+    """Ray Train's print patch off for the trainers this driver builds next (whatever the verbosity): the
+    trainer reads the driver's value and passes it to its controller and workers. A user's setting stays."""
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
 
 
 def quiet_driver() -> None:

@@ -112,8 +112,10 @@ def _trainer(cfg: FluidConfig, storage: str, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.logs import train_log_level
+    from pipeline.logs import one_copy_of_prints, train_log_level
     from pipeline.train.loop import train_loop_per_worker
+
+    one_copy_of_prints()
 
     return TorchTrainer(
         train_loop_per_worker,
