@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from pipeline.config import FluidConfig, load_config
 from pipeline.errors import FluidError
+from pipeline.logs import set_verbose
 
 OVERRIDE_HELP = (
     "Settings: --config FILE.yaml and/or overrides like --train.lr=3e-4 --data.corpus=s3://bucket/docs/ "
@@ -36,7 +37,9 @@ def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> t
             i += 1
         overrides.append(item)
         i += 1
-    return args, load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    set_verbose(cfg.train.verbose)  # Ray's own logs follow train.verbose (pipeline/logs.py)
+    return args, cfg
 
 
 def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -134,8 +134,9 @@ class TrainConfig:
     """Clean tokens of a validation row used as the evaluation prompt."""
     cpus_per_worker: int = 2
     verbose: bool = False
-    """Show Ray Train's own logs (every reported metrics dict — each checkpoint and every 30 s — on every rank); off: one
-    `[fluid]` progress line every 10 steps."""
+    """Show Ray's own logs: Ray Train's (every reported metrics dict — each checkpoint and every 30 s — on every rank),
+    Ray Data's progress dumps, the driver's INFO lines, the placement-group cleaner's warnings. Off: `[fluid]` progress
+    lines (every 10 steps; data every 10 s), and Ray's warnings and errors (pipeline/logs.py)."""
     fail_at_step: int | None = None
     """Fault-injection drill: raise once at this step to exercise checkpoint resume."""
     seed: int = 0

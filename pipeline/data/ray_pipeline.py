@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from pipeline import logs
 from pipeline.config import DataConfig, NoiseConfig
 from pipeline.data import local as data_local
 from pipeline.data.local import (  # noqa: F401  (re-exported: the data API lives here)
@@ -189,19 +190,57 @@ def _packed_units(batch: pa.Table, params: Params, sink) -> Iterator[tuple[int, 
 
 def init_ray(**kwargs) -> None:
     """Connect to the cluster (RAY_ADDRESS, `ray job submit`) or start a local instance sized for a
-    small machine: more logical CPUs than cores (docs/architecture.md, "Small machines")."""
+    small machine: more logical CPUs than cores (docs/architecture.md, "Small machines"). Ray's own logs
+    follow `train.verbose` (pipeline/logs.py)."""
+    quiet_ray_data()
     if ray.is_initialized():
         return
+    ours = logs.ray_init_options()
     if os.environ.get("RAY_ADDRESS") or kwargs.get("address"):
         for key in ("num_cpus", "num_gpus", "object_store_memory", "include_dashboard"):
             kwargs.pop(key, None)  # not allowed when joining an existing cluster
-        ray.init(**kwargs)
-        return
-    kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
-    # The dashboard also serves the State API; without it Ray Train's placement-group cleaner logs
-    # "Failed to query Ray Train Controller actor state" every second. Tests pass False (start-up time).
-    kwargs.setdefault("include_dashboard", True)
+    else:
+        kwargs.setdefault("num_cpus", max(4, os.cpu_count() or 1))
+        # The dashboard also serves the State API, which Ray Train's placement-group cleaner asks whether the
+        # run's controller lives. Its workers are told this instance's address: left to find one, they take the
+        # cluster started last on the machine (another test session, another job), do not find the controller
+        # there and remove the live run's placement group, or fail with a traceback when several run. Without
+        # the dashboard every query fails and the cleaner keeps monitoring (its warnings quiet: logs.py).
+        kwargs.setdefault("include_dashboard", True)
+        port = kwargs.setdefault("dashboard_port", _free_port())
+        ours = {**ours, "runtime_env": {**ours.get("runtime_env", {}),
+                                        "env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+    kwargs.update({k: v for k, v in ours.items() if k not in ("runtime_env", *kwargs)})
+    if "runtime_env" in ours:
+        kwargs["runtime_env"] = _merged_env(ours["runtime_env"], kwargs.get("runtime_env"))
     ray.init(**kwargs)
+
+
+def _merged_env(ours: dict, theirs: dict | None) -> dict:
+    """A runtime env: the caller's keys win, environment variables are merged."""
+    if not theirs:
+        return ours
+    env = {**ours.get("env_vars", {}), **theirs.get("env_vars", {})}
+    return {**ours, **theirs, **({"env_vars": env} if env else {})}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress dumps and execution-plan lines off in this process unless `train.verbose`
+    (pipeline/logs.py): our own `[fluid] data: …` line reports progress."""
+    if logs.verbose():
+        return
+    ctx = ray.data.DataContext.get_current()
+    for key, value in logs.DATA_CONTEXT_QUIET.items():
+        setattr(ctx, key, value)
+    logs.quiet_driver()
 
 
 def build_dataset(data_cfg: DataConfig, noise_cfg: NoiseConfig, *, tokenizer_path, mask_token_id: int,
@@ -327,7 +366,12 @@ def write_shards(data_cfg: DataConfig, noise_cfg: NoiseConfig, path: str, *, row
         ds = build_dataset(data_cfg, noise_cfg, **build_kwargs)
         return _write_units_here(ds, fs, root, row_group_rows)
     ds = build_dataset(data_cfg, noise_cfg, write_to=path, row_group_rows=row_group_rows, **build_kwargs)
-    return int(sum(int(b["rows"].sum()) for b in ds.iter_batches(batch_format="numpy", batch_size=None)))
+    progress, units, rows = logs.Progress("data"), 0, 0  # one line every 10 s, in place of Ray Data's dumps
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        units, rows = units + len(b["rows"]), rows + int(b["rows"].sum())
+        progress.update(units=units, rows=rows)
+    progress.done(units=units, rows=rows)
+    return rows
 
 
 def _write_units_here(ds: ray.data.Dataset, fs, root: str, row_group_rows: int) -> int:

@@ -195,11 +195,16 @@ def gated_length(policy: str, gamma: float, probs: torch.Tensor, chosen: torch.T
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution tokens are drawn from: softmax(logits / T), restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    """The distribution tokens are drawn from: softmax(logits / T), restricted to the top-p nucleus.
+    Temperatures and top_p too small for float32 (a request may send 1e-300) give the limits they tend to:
+    the most likely token(s), never NaN."""
+    z = logits.float()
+    z = (z - z.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)  # 0 at the max
+    probs = torch.softmax(z, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # keeps at least the most likely token
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        drop[..., 0] = False  # the most likely token stays (top_p may round to 0 in float32)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)

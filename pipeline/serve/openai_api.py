@@ -26,6 +26,7 @@ from pipeline.decode.stops import stop_problem
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as OpenAI's API; torch's generator takes no more
 DONE = b"data: [DONE]\n\n"
 # Used when a tokenizer has no chat template (base models): "role: content" lines, then "assistant:".
 FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -163,10 +164,7 @@ def _common(body: dict, limits: Limits, kind: str) -> Parsed:
         "top_p": _num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         "stop_on_eos": not _bool(body, "ignore_eos"),
     }
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise bad("seed", "seed must be an integer", "invalid_type")
-    opts["seed"] = seed
+    opts["seed"] = _int(body, "seed", *SEED_RANGE)
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     problem = stop_problem(stop)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.decode.policies import POLICIES
-from pipeline.serve.openai_api import ROLES, ApiError
+from pipeline.serve.openai_api import ROLES, SEED_RANGE, ApiError
 
 Policy = Literal[POLICIES]  # type: ignore[valid-type]
 Role = Literal[ROLES]  # type: ignore[valid-type]
@@ -39,7 +39,7 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings of at most 256 characters; the text is "
                                          "cut before them")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="a 64-bit integer")
     user: str | None = None
     policy: Policy | None = Field(None, description="FLUID: decoding policy (default: the export's)")
     gamma: float | None = Field(None, description="FLUID: the policy's confidence or entropy knob")

@@ -109,10 +109,13 @@ def fit(cfg: FluidConfig, resolved, storage: str, datasets: dict, model_ref: str
 
 
 def _trainer(cfg: FluidConfig, storage: str, loop_config: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.logs import one_copy_of_prints, train_log_level
     from pipeline.train.loop import train_loop_per_worker
+
+    one_copy_of_prints()
 
     return TorchTrainer(
         train_loop_per_worker,
@@ -124,5 +127,6 @@ def _trainer(cfg: FluidConfig, storage: str, loop_config: dict):
             name=cfg.train.run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level=train_log_level(cfg.train.verbose)),
         ),
     )

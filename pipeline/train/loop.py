@@ -29,9 +29,10 @@ import time
 import torch
 
 from pipeline.config import FluidConfig, from_dict
+from pipeline.logs import quiet_ray_train, say
 from pipeline.train.checkpointer import Checkpointer
 from pipeline.train.evaluator import Evaluator
-from pipeline.train.metrics import MetricsLog, quiet_ray_train, say
+from pipeline.train.metrics import MetricsLog
 from pipeline.train.optim import plan_total_steps
 from pipeline.train.outputs import RunFiles
 from pipeline.train.step import agree, train_step, world

@@ -7,36 +7,12 @@ also goes to the log's `MetricsHook`s (trackers plug in there).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-
-def say(line: str) -> None:
-    """Print one progress line once. Inside a Ray Train worker, `print` is patched to log through the
-    root logger and also to write to the redirected stdout, so each line would appear twice on the
-    driver; writing to the stream directly gives one copy."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def quiet_ray_train(verbose: bool = False) -> None:
-    """Ray Train logs every reported metrics dict at INFO level on every rank (a wall of dicts per
-    step); keep its loggers at WARNING unless `train.verbose` asks for everything."""
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("ray.train").setLevel(level)
-    # Ray Train 2.60 logs each report ("Reporting training result …") from a logger named after its
-    # module's *file path*, outside the "ray.train" hierarchy
-    import importlib.util
-
-    with contextlib.suppress(ImportError, ValueError):
-        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
-        if spec is not None and spec.origin:
-            logging.getLogger(spec.origin).setLevel(level)
+from pipeline.logs import say
 
 
 def scalars(metrics: dict) -> dict:

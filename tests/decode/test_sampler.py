@@ -510,6 +510,18 @@ class _DigitTokenizer:
         return "".join(str(i) for i in ids)
 
 
+@pytest.mark.parametrize("temperature,top_p", [(5e-324, 1.0), (1.0, 5e-324), (1e-300, 1e-300), (1e-45, 0.5)])
+def test_sampling_probs_at_tiny_temperature_or_top_p_is_the_argmax(temperature, top_p):
+    """Values a request may send that underflow in float32 give the limit (the most likely token), not NaN
+    (found by tests/serve/test_fuzz.py: a 500 'probability tensor contains either inf, nan or element < 0')."""
+    from pipeline.decode.policies import sample, sampling_probs
+
+    logits = torch.tensor([[0.5, 3.0, float("-inf"), -2.0], [1.0, 0.0, 0.2, 4.0]])
+    probs = sampling_probs(logits, temperature, top_p)
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 4).float())
+    assert sample(probs, torch.Generator().manual_seed(0)).tolist() == [1, 3]
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_verify_sampling_is_lossless_end_to_end(temperature, top_p):
     """Speculative-sampling verify draws the 2nd and 3rd tokens from the exact AR marginals."""

@@ -90,6 +90,7 @@ def sampler(export_dir):
     ({"prompt": "x", "echo": True}, 400, "echo", "unsupported_parameter"),
     ({"prompt": "x", "logprobs": 3}, 400, "logprobs", "unsupported_parameter"),
     ({"prompt": "x", "seed": "s"}, 400, "seed", "invalid_type"),
+    ({"prompt": "x", "seed": -(2**63) - 1}, 400, "seed", "invalid_value"),  # torch's generator: at most 64 bits
 ])
 def test_completion_validation_names_the_field(body, status, param, code):
     with pytest.raises(api.ApiError) as ei:
@@ -391,6 +392,7 @@ def test_stream_chunks_carry_their_step_and_the_openai_client_parses_them(client
     ({"messages": []}, "messages", "invalid_value"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),  # at most 4 (OpenAI's limit)
     ({"prompt": "x", "stop": "y" * 257}, "stop", "invalid_value"),  # at most 256 characters each
+    ({"prompt": "x", "seed": 2**64}, "seed", "invalid_value"),  # a 64-bit integer (was a 500: found by test_fuzz)
 ])
 def test_http_validation_is_400_in_openai_shape(client, body, param, code):
     """FastAPI's validation errors come back as OpenAI's error object with 400, never 422."""

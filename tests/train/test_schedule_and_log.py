@@ -69,7 +69,7 @@ def test_quiet_ray_train_silences_the_per_report_line_unless_verbose():
     import importlib.util
     import logging
 
-    from pipeline.train.metrics import quiet_ray_train
+    from pipeline.logs import quiet_ray_train
 
     # Ray Train logs "Reporting training result …" from a logger named after its module's file path
     per_report = logging.getLogger(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin)
