@@ -35,7 +35,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
         assert f"[fluid] demo {n}/6 {stage} …" in text
     assert "FLUID demo — summary" in text and "streamed completion:" in text
     summary = text[text.index("FLUID demo — summary"):]
-    assert "held-out AR CE: base" in summary and "verify" in summary
+    assert "held-out AR CE (" in summary and "tokens): base" in summary and "verify" in summary
     export = out / "adapt" / "export"
     assert (export / "fluid.json").is_file() and (export / "horizon_head.safetensors").is_file()
     assert (out / "adapt" / "eval" / "report.md").is_file() and (out / "adapt" / "eval" / "ce_by_k.png").is_file()

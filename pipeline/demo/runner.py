@@ -232,17 +232,19 @@ def summary(demo: Demo, report: dict, served: dict) -> str:
     lines.append(f"{'total':<12}{demo.elapsed():>10.0f} s")
     lines.append("-" * 72)
     ce = report["ce"]
-    lines.append(f"held-out AR CE: base {ce['base_ar_ce']:.3f} → adapted {ce['adapted_ar_ce']:.3f} nats "
-                 f"({ce['ar_ce_change']:+.1%});  draft CE k=2: {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
+    lines.append(f"held-out AR CE ({ce['ar_tokens']} tokens): base {ce['base_ar_ce']:.3f} → adapted "
+                 f"{ce['adapted_ar_ce']:.3f} nats ({ce['ar_ce_change']:+.1%});  draft CE k=2 ({ce['by_k_tokens']} "
+                 f"tokens): {ce['base_by_k'][1]:.2f} → {ce['adapted_by_k'][1]:.2f}")
     sm = report["sampler"]
     lines.append(f"{'policy':<12}{'tokens/fwd':>11}{'× AR':>8}{'× HF':>8}{'agreement':>11}   "
                  "(× AR: our AR loop on the same kernels and dtype; × HF: HF greedy generate)")
     for r in sm["rows"]:
         lines.append(f"{r['policy']:<12}{r['tokens_per_forward']:>11.2f}{r.get('speedup_vs_ar', float('nan')):>8.2f}"
                      f"{r['speedup_vs_hf']:>8.2f}{r['prefix_agreement']:>11.3f}")
-    lam = {r["policy"]: r["accuracy"] for r in report.get("lambada", [])}
+    lam = report.get("lambada", [])
     if lam:
-        lines.append("LAMBADA accuracy: " + ", ".join(f"{p} {a:.2f}" for p, a in lam.items()))
+        lines.append(f"LAMBADA accuracy on {lam[0]['items']} items (95 % interval): " + ", ".join(
+            f"{r['policy']} {r['accuracy']:.2f} ({r['interval'][0]:.2f}–{r['interval'][1]:.2f})" for r in lam))
     lines.append(f"streamed completion: {served['events']} SSE events, {len(served['text'])} characters, "
                  f"{served['seconds']:.1f} s")
     lines += ["-" * 72, f"report:  {report['paths']['markdown']}", f"plots:   {', '.join(report.get('plots', []))}",
