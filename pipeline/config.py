@@ -280,6 +280,9 @@ class EvalConfig:
     this (50 000 tokens when 0)."""
     policies: list[str] = field(default_factory=lambda: ["ar", "verify", "entropy", "threshold", "khead"])
     """Policies in the LAMBADA and sampler tables (`khead` only when the export has a horizon head)."""
+    lambada_policies: list[str] = field(default_factory=list)
+    """Policies of the LAMBADA table when it should score fewer than `policies` (each policy decodes every item;
+    `ar` is always scored); empty: `policies`."""
     prompts: int = 6
     """Held-out corpus prompts of the sampler table."""
     max_tokens: int = 48

@@ -58,8 +58,9 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
         ce["lambada_ar_ce"] = lambada_ce({"base": base, "adapted": sampler}, e.lambada_ce_tokens, cfg.model.cache_dir)
     lam = []
     if e.lambada_items > 0:
-        log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(policies)} policies, {e.tasks} task(s) …")
-        lam = lambada_table(export, policies, e.lambada_items, e.tasks, cfg.model.cache_dir, sampler=sampler)
+        lam_policies = [p for p in policies if p in e.lambada_policies or p == "ar"] if e.lambada_policies else policies
+        log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(lam_policies)} policies, {e.tasks} task(s) …")
+        lam = lambada_table(export, lam_policies, e.lambada_items, e.tasks, cfg.model.cache_dir, sampler=sampler)
     harness = harness_section(cfg, sampler, lam, log) if e.harness_tasks else None
     log(f"[fluid] evaluate: sampler table, {e.prompts} prompts × {e.max_tokens} tokens, {e.repeats} round(s) …")
     prompt_ids = [c[: max(8, chunks.shape[1] // 2)].tolist() for c in chunks[: e.prompts]]
@@ -180,10 +181,10 @@ def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:
 
     if not is_export(export):
         raise FluidError(f"{export} is not a FLUID export (no {FLUID_META_FILE}); run fluid adapt first")
-    unknown = [p for p in e.policies + [a.partition(":")[0] for a in e.aup_policies]
+    unknown = [p for p in e.policies + e.lambada_policies + [a.partition(":")[0] for a in e.aup_policies]
                if p not in ("ar", "fixed", "threshold", "entropy", "khead", "verify")]
     if unknown:
-        raise FluidError(f"eval.policies / eval.aup_policies: unknown policies {unknown}")
+        raise FluidError(f"eval.policies / lambada_policies / aup_policies: unknown policies {unknown}")
     meta = read_fluid_meta(export).to_dict()
     base_spec = base_spec or meta.get("base_model", {}).get("spec")
     if not base_spec:

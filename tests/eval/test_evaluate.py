@@ -123,3 +123,21 @@ def _check_tracked(run_dir, r: dict) -> None:
     assert run.data.metrics["ar_ce_change"] == pytest.approx(r["ce"]["ar_ce_change"])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/report.md", "evaluate/horizon.html", "evaluate/horizon_widths.png"} <= names
+
+
+def test_horizon_ce_of_a_real_model_equals_its_full_forward():
+    """horizon_ce asks an HF model for the last `horizon` logits only (logits_to_keep): the same CE as
+    slicing the full forward's logits."""
+    import torch.nn.functional as F
+
+    from pipeline.eval.horizon_ce import horizon_ce
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(40)
+    x = torch.randint(2, 39, (3, 12), generator=torch.Generator().manual_seed(0))
+    got = horizon_ce(model, x, mask_id=39, horizon=4)
+    inp = torch.cat([x[:, :8], torch.full((3, 3), 39)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=inp).logits[:, 7:11]
+    want = F.cross_entropy(logits.reshape(-1, 40), x[:, 8:].reshape(-1), reduction="none").view(3, 4).mean(0)
+    assert got == pytest.approx(want.tolist(), rel=1e-5)
