@@ -97,12 +97,16 @@ def harness_section(cfg, sampler, lam: list[dict], log) -> dict:
                          "pip install 'fluid-on-ray[harness]'") from None
     limit = e.lambada_items if e.harness_limit is None else (e.harness_limit or None)
     log(f"[fluid] evaluate: lm-evaluation-harness {e.harness_tasks}, {limit or 'all'} docs each …")
-    out = run_tasks(FluidLM(sampler=sampler, policy="ar"), e.harness_tasks, limit=limit, cache_dir=cfg.model.cache_dir)
+    out = run_tasks(FluidLM(sampler=sampler, policy="ar"), e.harness_tasks, limit=limit, cache_dir=cfg.model.cache_dir,
+                    per_doc=True)
     out["limit"] = limit
     ar = next((r for r in lam if r["policy"] == "ar"), None)
-    if "lambada_openai" in out["tasks"] and ar and ar["items"] == out["samples"].get("lambada_openai"):
-        out["lambada_agreement"] = {"items": ar["items"], "ours_correct": ar["correct"],
-                                    "harness_correct": round(out["tasks"]["lambada_openai"]["acc"] * ar["items"])}
+    per_doc = out.pop("per_doc")
+    if ar and ar["items"] == out["samples"].get("lambada_openai"):
+        out["lambada_agreement"] = lambada_agreement(ar, per_doc["lambada_openai"]["acc"], cfg.model.cache_dir)
+    if ar and ar["items"] == out["samples"].get("lambada_openai_gen"):
+        out["lambada_gen_agreement"] = lambada_agreement(ar, per_doc["lambada_openai_gen"]["exact_match"],
+                                                         cfg.model.cache_dir)
     rows = []
     for spec in e.aup_policies:
         policy, _, gamma = spec.partition(":")
@@ -118,6 +122,23 @@ def harness_section(cfg, sampler, lam: list[dict], log) -> dict:
         out["aup"] = {"task": "lambada_openai_gen", "rows": rows,
                       "aup": aup([(r["tokens_per_forward"], r["accuracy"]) for r in rows])}
     return out
+
+
+def lambada_agreement(ar: dict, harness: list[float], cache_dir) -> dict:
+    """Our `ar` LAMBADA row against the harness's per-item scores on the same items: both counts, the items
+    only one of them counts right, and a few of them as (target, our first word). lambada_openai's rule
+    (the target's tokens are the greedy ones) and ours (the first generated word is the target) differ where
+    greedy decoding goes on with the word (target "door", greedy "doors") or spells it with other tokens."""
+    from pipeline.sources.eval_data import lambada_items
+
+    items = lambada_items(ar["items"], cache_dir)
+    ours = [p == it.target for p, it in zip(ar["predictions"], items, strict=True)]
+    theirs = [bool(h) for h in harness]
+    only_h = [i for i, (o, h) in enumerate(zip(ours, theirs, strict=True)) if h and not o]
+    only_o = [i for i, (o, h) in enumerate(zip(ours, theirs, strict=True)) if o and not h]
+    return {"items": ar["items"], "ours_correct": sum(ours), "harness_correct": sum(theirs),
+            "only_harness": len(only_h), "only_ours": len(only_o),
+            "examples": [[items[i].target, ar["predictions"][i]] for i in (only_h + only_o)[:6]]}
 
 
 def write_report(report: dict, out: Path, metrics_path: Path) -> None:
@@ -167,7 +188,10 @@ def track_report(cfg, export: str, report: dict) -> None:
                              "ar_ce_change": ce["ar_ce_change"],
                              **{f"lambada_accuracy_{r['policy']}": r["accuracy"] for r in report["lambada"]},
                              **{f"tokens_per_forward_{r['policy']}": r["tokens_per_forward"]
-                                for r in report["sampler"]["rows"]}})
+                                for r in report["sampler"]["rows"]},
+                             **{f"harness_{t}_{k}": v for t, m in report.get("harness", {}).get("tasks", {}).items()
+                                for k, v in m.items()},
+                             **({"aup": report["harness"]["aup"]["aup"]} if "aup" in report.get("harness", {}) else {})})
         paths = report["paths"]
         tracker.log_artifacts([paths["json"], paths["markdown"], paths.get("horizon_html"), *report["plots"]],
                               "evaluate")
@@ -282,7 +306,7 @@ def lambada_table(export: str, policies: list[str], n_items: int, tasks: int, ca
 
     items = lambada_items(n_items, cache_dir)
     if tasks <= 1 or len(items) < 2:
-        parts = [[lambada(sampler, items, policy=p) for p in policies]]
+        parts, order = [[lambada(sampler, items, policy=p) for p in policies]], [list(range(len(items)))]
     else:
         import ray
 
@@ -290,20 +314,24 @@ def lambada_table(export: str, policies: list[str], n_items: int, tasks: int, ca
 
         init_ray(include_dashboard=False)
         threads = max(1, (os.cpu_count() or 1) // tasks)
-        shards = [items[i::tasks] for i in range(tasks)]
+        order = [list(range(i, len(items), tasks)) for i in range(min(tasks, len(items)))]  # item indices per task
         task = ray.remote(num_cpus=1)(_lambada_task)
-        parts = ray.get([task.remote(export, s, policies, threads) for s in shards if s])
+        parts = ray.get([task.remote(export, [items[j] for j in idx], policies, threads) for idx in order])
     rows = []
     for i, p in enumerate(policies):
         got = [part[i] for part in parts]
         correct, forwards, tokens = (sum(g[k] for g in got) for k in ("correct", "forwards", "tokens"))
+        preds = [""] * len(items)
+        for idx, g in zip(order, got, strict=True):
+            for j, word in zip(idx, g["predictions"], strict=True):
+                preds[j] = word
         hist = {}
         for g in got:
             for k, v in g["accepted_hist"].items():
                 hist[int(k)] = hist.get(int(k), 0) + v
         rows.append({"policy": p, "items": len(items), "correct": correct, "accuracy": correct / len(items),
                      "interval": wilson_interval(correct, len(items)),
-                     "tokens_per_forward": tokens / max(1, forwards), "accepted_hist": hist})
+                     "tokens_per_forward": tokens / max(1, forwards), "accepted_hist": hist, "predictions": preds})
     return rows
 
 

@@ -41,22 +41,26 @@ class FluidLM(TemplateLM):
 
     def __init__(self, export: str | None = None, *, sampler=None, policy: str = "ar", gamma: float | None = None,
                  threshold: float | None = None, max_horizon: int | None = None, dtype: str = "float32",
-                 batch_size: int = 8, cache_dir: str | None = None, matmul: str = "auto", **_):
+                 batch_size: int | str = 8, cache_dir: str | None = None, matmul: str = "auto", device: str | None = None,
+                 max_batch_size: int | None = None, **unknown):
         super().__init__()
+        if unknown:
+            raise FluidError(f"model type fluid: unknown model_args {sorted(unknown)} (known: export, policy, gamma "
+                             "or threshold, max_horizon, dtype, batch_size, cache_dir, matmul, device)")
         if sampler is None:
             if not export:
                 raise FluidError("the fluid model type needs export=PATH (a fluid adapt export)")
             from pipeline.decode.dtype import inference_dtype
             from pipeline.decode.load import load_sampler
 
-            sampler = load_sampler(str(export), cache_dir=cache_dir, dtype=inference_dtype(str(dtype), "cpu", export),
-                                   matmul=str(matmul))
+            sampler = load_sampler(str(export), cache_dir=cache_dir, device=device, matmul=str(matmul),
+                                   dtype=inference_dtype(str(dtype), device or "cpu", export))
         self.sampler, self.tokenizer = sampler, sampler.tokenizer
         self.policy = str(policy)
         gamma = threshold if gamma is None else gamma
         self.gamma = None if gamma is None else float(gamma)
         self.max_horizon = None if max_horizon is None else int(max_horizon)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = max(1, int(batch_size)) if str(batch_size).isdigit() else 8  # lm_eval's "auto": 8
         self.generations: list[dict] = []  # per generate_until request: forwards, tokens, tokens per forward
 
     # --- what TemplateLM needs ----------------------------------------------------------------------
@@ -220,17 +224,33 @@ def hub_offline(tasks: list[str]):
                 os.environ[v] = old
 
 
-def run_tasks(lm: FluidLM, tasks: list[str], *, limit: int | None, cache_dir=None) -> dict:
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm_eval's own warnings at our default verbosity (e.g. that our lambada_openai overrides its own, and
+    a hint about --metadata that does not apply here) are dropped; its errors still show."""
+    import logging
+
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def run_tasks(lm: FluidLM, tasks: list[str], *, limit: int | None, cache_dir=None, per_doc: bool = False) -> dict:
     """`tasks` through `lm_eval.simple_evaluate` on `lm` (first `limit` docs of each; None: all) →
-    {"tasks": {task: {metric: value}}, "samples": {task: n}, "parallelism": lm.parallelism() of this run}."""
+    {"tasks": {task: {metric: value}}, "samples": {task: n}, "parallelism": lm.parallelism() of this run};
+    `per_doc`: also "per_doc": {task: {metric: [value of doc 0, 1, …]}}."""
     import lm_eval
 
     lm.generations = []
-    with hub_offline(tasks):
+    with hub_offline(tasks), _quiet_lm_eval():
         try:
             tm = task_manager(cache_dir, include_defaults=any(t not in LOCAL_TASKS for t in tasks))
             res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=tm,
-                                          bootstrap_iters=0, log_samples=False, random_seed=0)
+                                          bootstrap_iters=0, log_samples=per_doc, random_seed=0)
         except (ConnectionError, OSError) as e:
             raise FluidError(f"harness tasks {tasks}: {type(e).__name__}: {e} (tasks other than "
                              f"{list(LOCAL_TASKS)} fetch their data from the dataset hub)") from None
@@ -240,4 +260,8 @@ def run_tasks(lm: FluidLM, tasks: list[str], *, limit: int | None, cache_dir=Non
                    and "," in k and "_stderr" not in k} for t, m in res["results"].items()}
     samples = {t: int(v.get("effective", v.get("original", 0))) if isinstance(v, dict) else int(v)
                for t, v in res.get("n-samples", {}).items()}
-    return {"tasks": metrics, "samples": samples, "parallelism": lm.parallelism()}
+    out = {"tasks": metrics, "samples": samples, "parallelism": lm.parallelism()}
+    if per_doc:
+        out["per_doc"] = {t: {m: [float(d[m]) for d in sorted(docs, key=lambda d: d["doc_id"])] for m in docs[0]["metrics"]}
+                          for t, docs in res.get("samples", {}).items() if docs}
+    return out

@@ -76,10 +76,15 @@ def harness_markdown(h: dict) -> list[str]:
     for task, m in h["tasks"].items():
         lines.append(f"| {task} | {h['samples'].get(task, '')} | " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()) + " |")
     lines.append("")
-    if h.get("lambada_agreement"):
-        a = h["lambada_agreement"]
-        lines += [f"`lambada_openai` acc on the LAMBADA table's {a['items']} items: {a['harness_correct']} correct; "
-                  f"our `ar` count: {a['ours_correct']}.", ""]
+    for key, task, rule in (("lambada_agreement", "lambada_openai", "its rule: the target's tokens are the greedy "
+                             "ones; ours: the first generated word is the target"),
+                            ("lambada_gen_agreement", "lambada_openai_gen", "the same rule as ours")):
+        if h.get(key):
+            a = h[key]
+            ex = "; ".join(f"{t!r} → {p!r}" for t, p in a["examples"])
+            lines += [f"`{task}` on the LAMBADA table's {a['items']} items: {a['harness_correct']} correct; our `ar` "
+                      f"count: {a['ours_correct']} ({rule}). Only the harness counts {a['only_harness']} items, only "
+                      f"ours {a['only_ours']}" + (f" (target → our first word: {ex})" if ex else "") + ".", ""]
     if h.get("aup"):
         lines += [f"### Accuracy against tokens per forward (`{h['aup']['task']}`)", "",
                   "| policy | γ | accuracy | 95 % interval | correct | tokens/forward |", "|---|---:|---:|---:|---:|---:|"]

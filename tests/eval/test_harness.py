@@ -167,14 +167,16 @@ def test_fluid_evaluate_tasks_reports_the_agreement_and_the_aup_table(tiny):
     from jobs.evaluate import main
 
     export, cache, _, items, right = tiny
-    assert main(["--model", str(export), "--tasks", "lambada_openai", f"--model.cache_dir={cache}",
+    assert main(["--model", str(export), "--tasks", "lambada_openai,lambada_openai_gen", f"--model.cache_dir={cache}",
                  f"--eval.lambada_items={len(items)}", "--eval.ce_sequences=2", "--eval.prompts=1",
                  "--eval.max_tokens=4", "--eval.repeats=1", "--eval.gammas=[]", "--eval.tasks=1",
                  "--eval.policies=[ar]", "--eval.aup_policies=[ar,verify,threshold:0.5]", "--eval.aup_items=4",
                  "--sampler.forward_cost=[1.0,1.25]", "--sampler.matmul=stock"]) == 0
     out = export.parent / "eval"
     h = json.loads((out / "report.json").read_text())["harness"]
-    assert h["lambada_agreement"] == {"items": len(items), "ours_correct": right, "harness_correct": right}
+    for key in ("lambada_agreement", "lambada_gen_agreement"):  # item for item
+        assert h[key] == {"items": len(items), "ours_correct": right, "harness_correct": right, "only_harness": 0,
+                          "only_ours": 0, "examples": []}
     rows = h["aup"]["rows"]
     assert [(r["policy"], r["gamma"]) for r in rows] == [("ar", None), ("verify", None), ("threshold", 0.5)]
     assert all(r["items"] == 4 and r["requests"] == 4 and r["tokens_per_forward"] >= 1 for r in rows)
@@ -184,3 +186,30 @@ def test_fluid_evaluate_tasks_reports_the_agreement_and_the_aup_table(tiny):
     md = (out / "report.md").read_text()
     assert "## lm-evaluation-harness" in md and "### Accuracy against tokens per forward" in md
     assert f"our `ar` count: {right}" in md and "95 % interval" in md
+
+
+def test_the_fluid_model_type_is_registered_and_reads_model_args(tiny):
+    from lm_eval.api.registry import get_model
+
+    from pipeline.eval.harness import FluidLM
+
+    export = tiny[0]
+    assert get_model("fluid") is FluidLM
+    lm = FluidLM.create_from_arg_string(f"export={export},policy=verify,threshold=0.9,dtype=float32",
+                                        {"batch_size": 4, "device": "cpu"})
+    assert (lm.policy, lm.gamma, lm.batch_size) == ("verify", 0.9, 4)
+    assert next(lm.sampler.model.parameters()).dtype == torch.float32
+    with pytest.raises(FluidError, match=r"unknown model_args \['polcy'\]"):
+        FluidLM.create_from_arg_string(f"export={export},polcy=verify")
+
+
+def test_lambada_agreement_names_the_items_only_one_side_counts(monkeypatch):
+    import pipeline.sources.eval_data as eval_data
+    from pipeline.eval.evaluate import lambada_agreement
+
+    items = [LambadaItem("he opened the", "door"), LambadaItem("a", "cat"), LambadaItem("b", "dog"), LambadaItem("c", "y")]
+    monkeypatch.setattr(eval_data, "lambada_items", lambda n=None, cache_dir=None: items[:n])
+    ar = {"items": 4, "predictions": ["doors", "cat", "dog", "x"]}
+    a = lambada_agreement(ar, [1.0, 1.0, 0.0, 0.0], None)
+    assert a == {"items": 4, "ours_correct": 2, "harness_correct": 2, "only_harness": 1, "only_ours": 1,
+                 "examples": [["door", "doors"], ["dog", "dog"]]}
