@@ -44,10 +44,10 @@ STAGES = ("data", "drafts", "adapt", "horizon", "evaluate", "serve")
 # evaluate 255 s, serve 33 s = 512 s; with half the budget kept the demo took 964 s, so keep 60 %.
 # Then (2026-12-06) evaluate grew: 64 CE sequences instead of 8 (the draft CE by k of 8 said little) and
 # 100 LAMBADA items instead of 8 (3/8 has the 95 % interval 0.14–0.69), under `ar` and `threshold` only
-# (verify is AR's output; each policy decodes every item). Measured on one loaded core with SmolLM2-135M:
-# 100 items took 87 s (ar), 118 s (verify), 257 s (entropy), 142 s (threshold); the CE of 64 sequences of
-# 128 tokens for two models 301 s, of 8 sequences 32 s — on a quiet 2-core machine about +90 s in all,
-# so keep 10 % more.
+# (verify is AR's output; each policy decodes every item). Measured with SmolLM2-135M on one core of a
+# loaded machine: 100 items took 87 s (ar), 118 s (verify), 257 s (entropy), 142 s (threshold); on the
+# same core once the load fell (load average 2.5): 31 s (ar), 32 s (threshold), and the CE of two models
+# on 64 sequences of 128 tokens 85 s, on 8 sequences 13 s — about +90 s for evaluate, so keep 10 % more.
 RESERVE_SHARE = 0.7
 
 
