@@ -11,12 +11,17 @@ Measures, on the export and its base model (`fluid.json` names it; `--base` over
   model; and a `threshold` sweep over `eval.gammas` (speed vs agreement);
 * with `eval.lambada_ce_tokens` > 0, the AR CE of both over that many LAMBADA tokens (whole passages:
   "no forgetting" outside the training domain).
+* with `--tasks a,b` (the `harness` extra), those lm-evaluation-harness tasks on the export (model type
+  `fluid`, pipeline/eval/harness.py); `lambada_openai` is ours over the cached LAMBADA file (offline), its
+  count beside our own on the same items; and the accuracy-against-tokens-per-forward table
+  (`lambada_openai_gen` under each of `eval.aup_policies`).
 Writes report.json, report.md and PNG plots (CE by k before/after, training curves from the run's
 metrics.jsonl, accepted-length histogram, speed vs agreement, the width of each forward) and horizon.html
 (2–3 held-out prompts decoded with `verify`, the text coloured by the forward that committed it, the
 widths under it) to `eval.output` (default: the folder `eval` next to the export).
 
 Example:  fluid evaluate --model runs/fluid-adapt/export --eval.lambada_items=200
+          fluid evaluate --model runs/fluid-adapt/export --tasks lambada_openai
 
 `fluid evaluate --model SPEC --lambada-ce-only` measures only the LAMBADA AR CE (eval.lambada_ce_tokens,
 50 000 when 0) of any model (an export: and of its base model) and writes lambada_ce.json (a record with
@@ -41,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lambada-ce-only", action="store_true",
                         help="only the AR CE over eval.lambada_ce_tokens LAMBADA tokens (default 50 000) of --model "
                              "(an export, a model folder or spec) and of an export's base model")
+    parser.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (sets "
+                        "eval.harness_tasks; lambada_openai and lambada_openai_gen run offline)")
     args, cfg = parse_job_args(parser, argv)
+    if args.tasks:
+        cfg.eval.harness_tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.lambada_ce_only:
         rec = lambada_ce_record(cfg, args.model, base_spec=args.base, argv=argv)
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec["values"].items()))

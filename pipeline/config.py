@@ -270,16 +270,20 @@ class EvalConfig:
 
     output: str = ""
     """Report folder; default <export>/../eval (next to the export)."""
-    ce_sequences: int = 32
+    ce_sequences: int = 64
     """Held-out (test split) sequences of data.seq_len tokens for the AR and draft CE by k."""
-    lambada_items: int = 64
-    """LAMBADA test items scored under `ar` and each policy (the full set has 5 153; hours on 2 cores)."""
+    lambada_items: int = 500
+    """LAMBADA test items scored under `ar` and each policy (the full set has 5 153; hours on 2 cores); the
+    report gives each accuracy with its 95 % Wilson interval (± 4 points at 500 items and accuracy 0.3)."""
     lambada_ce_tokens: int = 0
     """AR CE of the export and its base model over at least this many LAMBADA tokens (whole passages in
     file order; out of the training domain); 0: skip. `fluid evaluate --lambada-ce-only` measures only
     this (50 000 tokens when 0)."""
     policies: list[str] = field(default_factory=lambda: ["ar", "verify", "entropy", "threshold", "khead"])
     """Policies in the LAMBADA and sampler tables (`khead` only when the export has a horizon head)."""
+    lambada_policies: list[str] = field(default_factory=list)
+    """Policies of the LAMBADA table when it should score fewer than `policies` (each policy decodes every item;
+    `ar` is always scored); empty: `policies`."""
     prompts: int = 6
     """Held-out corpus prompts of the sampler table."""
     max_tokens: int = 48
@@ -290,6 +294,18 @@ class EvalConfig:
     """`threshold` gammas of the speed-vs-agreement sweep (empty: no sweep)."""
     tasks: int = 2
     """Ray tasks that score items in parallel (1 = in-process, no Ray)."""
+    harness_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (`fluid evaluate --tasks a,b`; the `harness` extra) run on the export as model
+    type `fluid` (pipeline/eval/harness.py). `lambada_openai` and `lambada_openai_gen` are local (our cached
+    LAMBADA file, offline); any other task fetches its data from the dataset hub. Empty: no harness section."""
+    harness_limit: int | None = None
+    """Docs per harness task: None = eval.lambada_items (lambada_openai then scores the LAMBADA table's items);
+    0 = every doc."""
+    aup_policies: list[str] = field(default_factory=lambda: ["ar", "verify", "threshold:0.9"])
+    """With harness tasks: the accuracy-against-tokens-per-forward table runs `lambada_openai_gen` under each
+    of these (`policy` or `policy:gamma`) on `aup_items` docs; empty: no table."""
+    aup_items: int = 100
+    """LAMBADA docs of the accuracy-against-tokens-per-forward table (each policy decodes all of them)."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
         assert f"[fluid] demo {n}/6 {stage} …" in text
     assert "FLUID demo — summary" in text and "streamed completion:" in text
     summary = text[text.index("FLUID demo — summary"):]
-    assert "held-out AR CE: base" in summary and "verify" in summary
+    assert "held-out AR CE (" in summary and "tokens): base" in summary and "verify" in summary
     export = out / "adapt" / "export"
     assert (export / "fluid.json").is_file() and (export / "horizon_head.safetensors").is_file()
     assert (out / "adapt" / "eval" / "report.md").is_file() and (out / "adapt" / "eval" / "ce_by_k.png").is_file()
@@ -81,3 +81,22 @@ def test_finished_stages_are_reused_until_their_settings_change(tmp_path, capsys
     assert calls == list(demo.STAGES[:-1])
     calls.clear()
     assert demo.Demo(load_config(None, [f"--demo.output={tmp_path}"]), fresh=True).state == {}
+
+
+def test_summary_gives_token_counts_and_intervals():
+    """The summary's CE lines state their token counts; each LAMBADA accuracy its 95 % Wilson interval."""
+    from types import SimpleNamespace
+
+    from pipeline.demo.runner import summary
+    from pipeline.eval.metrics import wilson_interval
+
+    demo = SimpleNamespace(times={"evaluate": (12.0, "ran")}, elapsed=lambda: 12.0, export="runs/demo/adapt/export")
+    row = {"policy": "ar", "tokens_per_forward": 1.0, "speedup_vs_ar": 1.0, "speedup_vs_hf": 1.0, "prefix_agreement": 1.0}
+    report = {"ce": {"base_ar_ce": 4.0, "adapted_ar_ce": 4.0, "ar_ce_change": 0.0, "base_by_k": [4.0, 5.0],
+                     "adapted_by_k": [4.0, 4.5], "ar_tokens": 8128, "by_k_tokens": 128},
+              "sampler": {"rows": [row]}, "paths": {"markdown": "report.md"},
+              "lambada": [{"policy": p, "items": 100, "accuracy": c / 100, "interval": wilson_interval(c, 100)}
+                          for p, c in (("ar", 30), ("threshold", 25))]}
+    text = summary(demo, report, {"events": 3, "text": "abc", "seconds": 1.0})
+    assert "held-out AR CE (8128 tokens)" in text and "draft CE k=2 (128 tokens)" in text
+    assert "LAMBADA accuracy on 100 items (95 % interval): ar 0.30 (0.22–0.40), threshold 0.25 (0.18–0.34)" in text

@@ -58,8 +58,10 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
         ce["lambada_ar_ce"] = lambada_ce({"base": base, "adapted": sampler}, e.lambada_ce_tokens, cfg.model.cache_dir)
     lam = []
     if e.lambada_items > 0:
-        log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(policies)} policies, {e.tasks} task(s) …")
-        lam = lambada_table(export, policies, e.lambada_items, e.tasks, cfg.model.cache_dir, sampler=sampler)
+        lam_policies = [p for p in policies if p in e.lambada_policies or p == "ar"] if e.lambada_policies else policies
+        log(f"[fluid] evaluate: LAMBADA, {e.lambada_items} items × {len(lam_policies)} policies, {e.tasks} task(s) …")
+        lam = lambada_table(export, lam_policies, e.lambada_items, e.tasks, cfg.model.cache_dir, sampler=sampler)
+    harness = harness_section(cfg, sampler, lam, log) if e.harness_tasks else None
     log(f"[fluid] evaluate: sampler table, {e.prompts} prompts × {e.max_tokens} tokens, {e.repeats} round(s) …")
     prompt_ids = [c[: max(8, chunks.shape[1] // 2)].tolist() for c in chunks[: e.prompts]]
     table, sweep = sampler_table(sampler, base.model, prompt_ids, policies, e.max_tokens, e.repeats, e.gammas)
@@ -70,7 +72,7 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
                      "max_tokens": e.max_tokens, "repeats": e.repeats, "policies": policies,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
                      "date": time.strftime("%Y-%m-%d %H:%M")},
-        "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep,
+        "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep, **({"harness": harness} if harness else {}),
         "horizon": horizon_samples(sampler, prompt_ids[:3], policies, e.max_tokens),
     }
     write_report(report, out, Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS)
@@ -78,6 +80,65 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
     (out / "report.json").write_text(json.dumps(report, indent=1))
     track_report(cfg, export, report)
     return report
+
+
+def harness_section(cfg, sampler, lam: list[dict], log) -> dict:
+    """`eval.harness_tasks` through lm-evaluation-harness (pipeline/eval/harness.py) on the first
+    `eval.harness_limit` docs (AR path for loglikelihoods), with `lambada_openai`'s count beside our LAMBADA
+    table's `ar` count when both scored the same items; then the accuracy-against-tokens-per-forward table:
+    `lambada_openai_gen` under each of `eval.aup_policies` on `eval.aup_items` docs, with its AUP."""
+    from pipeline.eval.metrics import aup, wilson_interval
+
+    e = cfg.eval
+    try:
+        from pipeline.eval.harness import FluidLM, run_tasks
+    except ImportError as err:
+        raise FluidError(f"fluid evaluate --tasks needs lm-evaluation-harness ({err}): "
+                         "pip install 'fluid-on-ray[harness]'") from None
+    limit = e.lambada_items if e.harness_limit is None else (e.harness_limit or None)
+    log(f"[fluid] evaluate: lm-evaluation-harness {e.harness_tasks}, {limit or 'all'} docs each …")
+    out = run_tasks(FluidLM(sampler=sampler, policy="ar"), e.harness_tasks, limit=limit, cache_dir=cfg.model.cache_dir,
+                    per_doc=True)
+    out["limit"] = limit
+    ar = next((r for r in lam if r["policy"] == "ar"), None)
+    per_doc = out.pop("per_doc")
+    if ar and ar["items"] == out["samples"].get("lambada_openai"):
+        out["lambada_agreement"] = lambada_agreement(ar, per_doc["lambada_openai"]["acc"], cfg.model.cache_dir)
+    if ar and ar["items"] == out["samples"].get("lambada_openai_gen"):
+        out["lambada_gen_agreement"] = lambada_agreement(ar, per_doc["lambada_openai_gen"]["exact_match"],
+                                                         cfg.model.cache_dir)
+    rows = []
+    for spec in e.aup_policies:
+        policy, _, gamma = spec.partition(":")
+        if policy == "khead" and sampler.horizon_head is None:
+            continue
+        log(f"[fluid] evaluate: accuracy against tokens per forward, {spec} on {e.aup_items} LAMBADA docs …")
+        r = run_tasks(FluidLM(sampler=sampler, policy=policy, gamma=float(gamma) if gamma else None),
+                      ["lambada_openai_gen"], limit=e.aup_items, cache_dir=cfg.model.cache_dir)
+        n, acc = r["samples"]["lambada_openai_gen"], r["tasks"]["lambada_openai_gen"]["exact_match"]
+        rows.append({"policy": policy, "gamma": float(gamma) if gamma else None, "items": n, "correct": round(acc * n),
+                     "accuracy": acc, "interval": wilson_interval(round(acc * n), n), **r["parallelism"]})
+    if rows:
+        out["aup"] = {"task": "lambada_openai_gen", "rows": rows,
+                      "aup": aup([(r["tokens_per_forward"], r["accuracy"]) for r in rows])}
+    return out
+
+
+def lambada_agreement(ar: dict, harness: list[float], cache_dir) -> dict:
+    """Our `ar` LAMBADA row against the harness's per-item scores on the same items: both counts, the items
+    only one of them counts right, and a few of them as (target, our first word). lambada_openai's rule
+    (the target's tokens are the greedy ones) and ours (the first generated word is the target) differ where
+    greedy decoding goes on with the word (target "door", greedy "doors") or spells it with other tokens."""
+    from pipeline.sources.eval_data import lambada_items
+
+    items = lambada_items(ar["items"], cache_dir)
+    ours = [p == it.target for p, it in zip(ar["predictions"], items, strict=True)]
+    theirs = [bool(h) for h in harness]
+    only_h = [i for i, (o, h) in enumerate(zip(ours, theirs, strict=True)) if h and not o]
+    only_o = [i for i, (o, h) in enumerate(zip(ours, theirs, strict=True)) if o and not h]
+    return {"items": ar["items"], "ours_correct": sum(ours), "harness_correct": sum(theirs),
+            "only_harness": len(only_h), "only_ours": len(only_o),
+            "examples": [[items[i].target, ar["predictions"][i]] for i in (only_h + only_o)[:6]]}
 
 
 def write_report(report: dict, out: Path, metrics_path: Path) -> None:
@@ -127,7 +188,10 @@ def track_report(cfg, export: str, report: dict) -> None:
                              "ar_ce_change": ce["ar_ce_change"],
                              **{f"lambada_accuracy_{r['policy']}": r["accuracy"] for r in report["lambada"]},
                              **{f"tokens_per_forward_{r['policy']}": r["tokens_per_forward"]
-                                for r in report["sampler"]["rows"]}})
+                                for r in report["sampler"]["rows"]},
+                             **{f"harness_{t}_{k}": v for t, m in report.get("harness", {}).get("tasks", {}).items()
+                                for k, v in m.items()},
+                             **({"aup": report["harness"]["aup"]["aup"]} if "aup" in report.get("harness", {}) else {})})
         paths = report["paths"]
         tracker.log_artifacts([paths["json"], paths["markdown"], paths.get("horizon_html"), *report["plots"]],
                               "evaluate")
@@ -141,9 +205,10 @@ def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:
 
     if not is_export(export):
         raise FluidError(f"{export} is not a FLUID export (no {FLUID_META_FILE}); run fluid adapt first")
-    unknown = [p for p in e.policies if p not in ("ar", "fixed", "threshold", "entropy", "khead", "verify")]
+    unknown = [p for p in e.policies + e.lambada_policies + [a.partition(":")[0] for a in e.aup_policies]
+               if p not in ("ar", "fixed", "threshold", "entropy", "khead", "verify")]
     if unknown:
-        raise FluidError(f"eval.policies: unknown policies {unknown}")
+        raise FluidError(f"eval.policies / lambada_policies / aup_policies: unknown policies {unknown}")
     meta = read_fluid_meta(export).to_dict()
     base_spec = base_spec or meta.get("base_model", {}).get("spec")
     if not base_spec:
@@ -151,11 +216,14 @@ def _export_meta(e, export: str, base_spec: str | None) -> tuple[dict, str]:
     return meta, base_spec
 
 def heldout_ce(base, sampler, chunks) -> dict:
-    """AR CE and draft CE by k of the base and the adapted model on the same held-out sequences."""
-    from pipeline.eval.metrics import ar_ce, draft_ce_by_k
+    """AR CE and draft CE by k of the base and the adapted model on the same held-out sequences, with the
+    tokens each CE averages over (`ar_tokens`; `by_k_tokens` for each k)."""
+    from pipeline.eval.metrics import ar_ce, cursor_ends, draft_ce_by_k
 
-    k_max = min(sampler.k_max, chunks.shape[1] - 2)
-    ce = {"ks": list(range(1, k_max + 1))}
+    n, length = chunks.shape
+    k_max = min(sampler.k_max, length - 2)
+    ce = {"ks": list(range(1, k_max + 1)), "sequences": int(n), "ar_tokens": int(n * (length - 1)),
+          "by_k_tokens": int(n * len(cursor_ends(length)))}  # scored tokens: every next token; per k
     for name, s in (("base", base), ("adapted", sampler)):
         ce[f"{name}_ar_ce"] = ar_ce(s.model, chunks)
         ce[f"{name}_by_k"] = draft_ce_by_k(s.model, chunks, mask_id=s.mask_token_id, k_max=k_max)
@@ -231,13 +299,14 @@ def heldout_chunks(cfg, data: dict, sampler, n: int):
 
 
 def lambada_table(export: str, policies: list[str], n_items: int, tasks: int, cache_dir, *, sampler=None) -> list[dict]:
-    """Accuracy per policy on the first `n_items` LAMBADA items; Ray tasks when `tasks` > 1."""
-    from pipeline.eval.metrics import lambada
+    """Accuracy (and its 95 % Wilson interval) per policy on the first `n_items` LAMBADA items; Ray tasks
+    when `tasks` > 1."""
+    from pipeline.eval.metrics import lambada, wilson_interval
     from pipeline.sources.eval_data import lambada_items
 
     items = lambada_items(n_items, cache_dir)
     if tasks <= 1 or len(items) < 2:
-        parts = [[lambada(sampler, items, policy=p) for p in policies]]
+        parts, order = [[lambada(sampler, items, policy=p) for p in policies]], [list(range(len(items)))]
     else:
         import ray
 
@@ -245,19 +314,24 @@ def lambada_table(export: str, policies: list[str], n_items: int, tasks: int, ca
 
         init_ray(include_dashboard=False)
         threads = max(1, (os.cpu_count() or 1) // tasks)
-        shards = [items[i::tasks] for i in range(tasks)]
+        order = [list(range(i, len(items), tasks)) for i in range(min(tasks, len(items)))]  # item indices per task
         task = ray.remote(num_cpus=1)(_lambada_task)
-        parts = ray.get([task.remote(export, s, policies, threads) for s in shards if s])
+        parts = ray.get([task.remote(export, [items[j] for j in idx], policies, threads) for idx in order])
     rows = []
     for i, p in enumerate(policies):
         got = [part[i] for part in parts]
         correct, forwards, tokens = (sum(g[k] for g in got) for k in ("correct", "forwards", "tokens"))
+        preds = [""] * len(items)
+        for idx, g in zip(order, got, strict=True):
+            for j, word in zip(idx, g["predictions"], strict=True):
+                preds[j] = word
         hist = {}
         for g in got:
             for k, v in g["accepted_hist"].items():
                 hist[int(k)] = hist.get(int(k), 0) + v
         rows.append({"policy": p, "items": len(items), "correct": correct, "accuracy": correct / len(items),
-                     "tokens_per_forward": tokens / max(1, forwards), "accepted_hist": hist})
+                     "interval": wilson_interval(correct, len(items)),
+                     "tokens_per_forward": tokens / max(1, forwards), "accepted_hist": hist, "predictions": preds})
     return rows
 
 

