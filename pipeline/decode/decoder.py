@@ -23,7 +23,7 @@ a forward of its own (with the other rows admitted at the same time) on a fresh 
 joined to the running cache (kvcache.join_rows), so the running rows never pay for a wide prefill
 input. Each row keeps its own horizon, positions and cache entries: output equals unbatched decoding. With
 several rows, greedy verify's K and layouts come from the batch scheduler (scheduler.py: the cost of the
-whole step by rows × width against each row's expected acceptance); one row decides alone, as before.
+whole step by rows × width × the cache length against each row's expected acceptance); one row decides alone, as before.
 Text is detokenized incrementally (detok.py), stop strings are matched on the newest text only.
 """
 
@@ -153,11 +153,12 @@ class _Decoder:
         masks — the training layout's two-stream rule), so one step may verify a tree of drafts and
         draft for every possible verdict at once."""
         s = self.s
-        ks, anchors = self._plan(rows)
+        past = kvcache.cache_len(cache)
+        ks, anchors = self._plan(rows, past)
         ids, local, parent, lens = cand.step_layout(
             [(row.feed, row.parents, a, k - 1) for row, k, a in zip(rows, ks, anchors, strict=True)],
             s.mask_token_id)
-        width, past = ids.shape[1], kvcache.cache_len(cache)
+        width = ids.shape[1]
         pos = torch.tensor([row.pos for row in rows])[:, None] + local
         mask = None
         if bool((lens != width).any()) or not bool(self.valid.all()) or not cand.is_sequential(parent, lens):
@@ -184,16 +185,17 @@ class _Decoder:
         self._keep_in_cache(cache, keeps, width)
         return events
 
-    def _plan(self, rows: list[_Row]) -> tuple[list[int], list[list[int]]]:
+    def _plan(self, rows: list[_Row], past: int) -> tuple[list[int], list[list[int]]]:
         """Each row's horizon k and span anchors; with several rows and cost-aware horizons among them,
-        the batch scheduler (scheduler.py) prices the whole step and sets their k and layouts."""
+        the batch scheduler (scheduler.py) prices the whole step after the `past` cache entries the rows
+        share and sets their k and layouts."""
         if len(rows) > 1 and any(isinstance(row.horizon, CostAwareHorizon) for row in rows):
-            ks = self._schedule(rows)
+            ks = self._schedule(rows, past)
         else:
             ks = [self._horizon(row) for row in rows]
         return ks, [self._anchors(row, k) for row, k in zip(rows, ks, strict=True)]
 
-    def _schedule(self, rows: list[_Row]) -> list[int]:
+    def _schedule(self, rows: list[_Row], past: int) -> list[int]:
         """The scheduler's k per row; a row whose policy sets its own k (or a probe's verdict is pending)
         keeps it and counts as a fixed width."""
         demands, fixed = [], {}
@@ -203,7 +205,7 @@ class _Decoder:
             else:
                 fixed[i] = self._horizon(row)
                 demands.append(Demand(len(row.feed), width=len(row.feed) + fixed[i] - 1))
-        plan = self.s.scheduler.plan(demands)
+        plan = self.s.scheduler.plan(demands, context=past)
         return [fixed[i] if i in fixed else self._clamp(row, row.horizon.assign(c.k, c.layout, c.nodes, c.probing))
                 for i, (row, c) in enumerate(zip(rows, plan, strict=True))]
 

@@ -100,13 +100,65 @@ def test_step_cost_is_made_monotone():
     """Timing noise must not make a wider step or more rows cheaper."""
     c = StepCost({(1, 1): 1.0, (1, 2): 0.9, (2, 1): 0.8, (2, 2): 0.85})
     assert c(1, 2) == 1.0 and c(2, 1) == 1.0 and c(2, 2) == 1.0
-    assert c.raw[1, 2] == 0.9  # the measurement is kept as measured (to_dict, the cache)
+    assert c.raw[1, 2, 32] == 0.9  # the measurement is kept as measured (to_dict, the cache)
+
+
+def context_table(fn, contexts=(32, 512), rows=GRID_ROWS, widths=WIDTHS) -> StepCost:
+    return StepCost({(r, w, c): fn(r, w, c) for r in rows for w in widths for c in contexts})
+
+
+def test_step_cost_interpolates_in_context():
+    c = StepCost({(1, 1, 32): 1.0, (1, 2, 32): 2.0, (1, 1, 512): 3.0, (1, 2, 512): 6.0})
+    assert c.contexts == [32, 512] and c.context == 32
+    assert c(1, 2) == c(1, 2, 32) == 2.0 and c(1, 2, 512) == 6.0
+    assert c(1, 1, 272) == pytest.approx(2.0) and c(1, 2, 272) == pytest.approx(4.0)  # halfway
+    assert c(1, 1, 0) == 1.0  # below the grid: the shortest context's cost
+    assert c(1, 1, 992) == pytest.approx(5.0)  # beyond: the last slope
+    assert c.relative(1, 2, 512) == pytest.approx(2.0)
+
+
+def test_step_cost_is_monotone_in_context():
+    """Noise must not make a longer cache cheaper, at any (rows, width)."""
+    c = StepCost({(1, 1, 32): 1.0, (1, 1, 512): 0.9, (1, 1, 1024): 1.5})
+    assert c(1, 1, 32) == c(1, 1, 512) == 1.0 and c(1, 1, 1024) == 1.5 and c.raw[1, 1, 512] == 0.9
+    g = context_table(lambda r, w, ctx: 1.0 + 0.01 * r * w * ctx / 32 + (5.0 if (r, w, ctx) == (4, 4, 32) else 0))
+    for r in (1, 3, 4, 16, 64):
+        for w in (1, 3, 4, 16):
+            by_ctx = [g(r, w, ctx) for ctx in (0, 32, 100, 512, 2000)]
+            assert by_ctx == sorted(by_ctx), (r, w, by_ctx)
+    with pytest.raises(FluidError, match="every"):
+        StepCost({(1, 1, 32): 1.0, (1, 1, 512): 1.0, (1, 2, 32): 1.0})
+
+
+def test_long_contexts_plan_narrower_steps():
+    """Where a long cache makes every token's attention dear, the same rows plan narrower there."""
+    cost = context_table(lambda r, w, ctx: 1.0 + 0.01 * r * w * ctx / 32)
+    widths = {}
+    for ctx in (32, 512):
+        s = Scheduler(cost)
+        s.plan([Demand(1, horizon(0.8)) for _ in range(4)], context=ctx)
+        widths[ctx] = s.last_width
+    assert widths[512] < widths[32] and widths[32] > 1, widths
+    s = Scheduler(cost)  # no context: the table's shortest
+    s.plan([Demand(1, horizon(0.8)) for _ in range(4)])
+    assert s.last_width == widths[32]
+
+
+def test_step_cost_round_trips_with_contexts_and_reads_the_old_form():
+    c = StepCost({(1, 1, 32): 1.0, (1, 2, 32): 2.0, (1, 1, 512): 3.0, (1, 2, 512): 6.0}, key={"a": 1})
+    d = c.to_dict()
+    back = StepCost.from_dict(d)
+    assert back.to_dict() == d and back.contexts == [32, 512] and back(1, 2, 272) == pytest.approx(4.0)
+    old = StepCost.from_dict({"rows": [1], "widths": [1, 2], "context": 64, "key": {}, "seconds": [[1.0, 2.0]]})
+    assert old.contexts == [64] and old(1, 2) == old(1, 2, 4096) == 2.0
+    assert StepCost.from_dict(old.to_dict()).to_dict() == old.to_dict()
 
 
 def test_step_cost_from_forward_prices_rows_times_width():
     fc = ForwardCost({1: 1.0, 4: 2.0, 16: 5.0})
     c = StepCost.from_forward(fc)
     assert c(1, 4) == pytest.approx(2.0) and c(4, 4) == pytest.approx(5.0) and c(4, 1) == pytest.approx(2.0)
+    assert len(c.contexts) == 1 and c(4, 4, 4096) == c(4, 4)  # context-free: one cache length
 
 
 def test_bad_input_errors():
@@ -136,6 +188,7 @@ def test_bad_input_errors():
 def test_cache_round_trips_and_is_keyed_by_dtype(model, tmp_path):
     first, info = calibrate_steps(model, 2, widths=(1, 2), repeats=1, cache_dir=tmp_path)
     assert not info["cached"] and first.rows == [1, 2] and first.widths == [1, 2]
+    assert first.contexts == [32, 254] == first.key["context"]  # 512 fitted inside 256 positions
     again, info2 = calibrate_steps(model, 2, widths=(1, 2), repeats=1, cache_dir=tmp_path)
     assert info2["cached"] and info2["file"] == info["file"] and again.to_dict() == first.to_dict()
     assert load_cached({**first.key, "dtype": "bfloat16"}, tmp_path) is None
@@ -166,7 +219,7 @@ def test_sampler_calibrates_steps_and_decoder_follows_the_scheduler(model, tok, 
 def test_measuring_stops_past_its_budget_and_the_rest_is_extrapolated(model):
     from pipeline.decode.scheduler import measure_steps
 
-    times = measure_steps(model, [1, 2, 4, 8], (1, 2), repeats=1, budget_s=0.0)
-    assert sorted({r for r, _ in times}) == [1, 2]
+    times = measure_steps(model, [1, 2, 4, 8], (1, 2), contexts=(8, 64), repeats=1, budget_s=0.0)
+    assert sorted(times) == [(r, w, c) for r in (1, 2) for w in (1, 2) for c in (8, 64)]  # every context alike
     cost = StepCost(times)
-    assert cost(8, 2) >= cost(2, 2) > 0
+    assert cost(8, 2, 64) >= cost(8, 2) >= cost(2, 2) > 0
