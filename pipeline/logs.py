@@ -43,6 +43,9 @@ DATA_CONTEXT_QUIET = {"enable_progress_bars": False, "print_on_execution_start":
 
 # Loggers of Ray that repeat harmless messages; set to ERROR at the default verbosity.
 PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Loggers whose INFO lines on the driver say nothing a user acts on ("Started Serve in namespace …",
+# MLflow creating its tables); their warnings and errors still show.
+DRIVER_INFO_LOGGERS = ("ray.serve", "mlflow")
 DATA_PROGRESS = "ray.data._internal.progress"  # the progress dumps, and "Progress bars disabled" once
 
 
@@ -84,9 +87,25 @@ def quiet_driver() -> None:
     if _verbose:
         return
     logging.getLogger(DATA_PROGRESS).setLevel(logging.ERROR)
+    for name in DRIVER_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow sets its logger's level from this variable when it is imported (maybe later, maybe in a
+    # worker started after this: workers inherit the environment); a user's own value stays
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":  # the console; the session log file keeps INFO
             handler.setLevel(logging.WARNING)
+
+
+SERVE_QUIET = {"log_level": "WARNING", "enable_access_log": False}
+"""`serve.start(logging_config=…)` for a Serve app a job starts for itself (the demo's serve stage, a
+benchmark's local server) at the default verbosity: Serve's INFO lines and per-request access lines
+would interleave with the job's own output. `fluid serve` keeps Serve's defaults: an operator wants them."""
+
+
+def serve_logging_config() -> dict | None:
+    """`SERVE_QUIET` at the default verbosity, None (Serve's defaults) when verbose."""
+    return None if _verbose else dict(SERVE_QUIET)
 
 
 def quiet_worker() -> None:

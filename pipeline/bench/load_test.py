@@ -148,6 +148,7 @@ def start_local_server(cfg, clients: int) -> str:
     import ray
     from ray import serve
 
+    from pipeline.logs import serve_logging_config
     from pipeline.serve.app import build_app, replica_config
     from pipeline.serve.auth import key_env_hidden
 
@@ -161,7 +162,7 @@ def start_local_server(cfg, clients: int) -> str:
         if not ray.is_initialized():  # else: this process's Ray (a test session's)
             ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, configure_logging=False,
                      log_to_driver=False)
-    serve.start(http_options={"host": sc.host, "port": sc.port})
+    serve.start(http_options={"host": sc.host, "port": sc.port}, logging_config=serve_logging_config())
     serve.run(app, name=sc.app_name, route_prefix=sc.route_prefix)
     return f"http://{LOOPBACK_HOST}:{sc.port}{sc.route_prefix.rstrip('/')}"
 

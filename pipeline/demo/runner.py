@@ -24,6 +24,7 @@ from pipeline.config import LOOPBACK_HOST
 from pipeline.demo.recipes import RECIPES
 from pipeline.errors import FluidError
 from pipeline.export_format import read_fluid_meta
+from pipeline.logs import serve_logging_config
 from pipeline.train.outputs import METRICS
 
 # Embedded defaults of the demo, before the user's overrides: sized for 2 CPU cores.
@@ -195,7 +196,7 @@ class Demo:
 
         sc = self.cfg.serve
         sc.model, sc.host = str(self.export), LOOPBACK_HOST
-        serve.start(http_options={"host": sc.host, "port": sc.port})
+        serve.start(http_options={"host": sc.host, "port": sc.port}, logging_config=serve_logging_config())
         try:
             serve.run(build_app(sc), name=sc.app_name, route_prefix=sc.route_prefix)
             url = f"http://{sc.host}:{sc.port}{sc.route_prefix.rstrip('/')}"

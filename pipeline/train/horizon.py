@@ -23,11 +23,12 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     """Fit the head for the local export folder `export` and write it there and to `target` (default:
     `export`; a URL gets the two changed files uploaded)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.batch import COLUMNS
     from pipeline.data.ray_pipeline import build_dataset, collect_rows, init_ray
+    from pipeline.logs import one_copy_of_prints, train_log_level
     from pipeline.sources.staging import stage_folder
     from pipeline.train.cluster import stage_root
     from pipeline.train.preflight import check_storage
@@ -44,11 +45,13 @@ def fit(cfg, export: Path, meta: dict, target: str | None = None) -> dict:
     rows = collect_rows(ds.select_columns(list(COLUMNS)), cfg.horizon.examples)
     if rows is None:
         raise FluidError("the validation split has no sequences to fit the horizon head on")
+    one_copy_of_prints()
     trainer = TorchTrainer(  # the examples go to every worker whole, by reference (pipeline/data/rows.py)
         _loop, train_loop_config={"fluid": cfg.to_dict(), "export": export_ref, "k_max": noise.k_max,
                                   "examples": ray.put(rows)},
         scaling_config=ScalingConfig(num_workers=cfg.horizon.workers, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name="fit-horizon", storage_path=storage),
+        run_config=RunConfig(name="fit-horizon", storage_path=storage,
+                             logging_config=LoggingConfig(log_level=train_log_level(cfg.train.verbose))),
     )
     result = trainer.fit()
     if result.error:
@@ -79,9 +82,11 @@ def _loop(config: dict) -> None:
     from pipeline.config import from_dict
     from pipeline.decode.horizon_fit import collect_pairs, fit_head, oracle_horizon
     from pipeline.decode.load import load_export
+    from pipeline.logs import quiet_ray_train
     from pipeline.sources.staging import local_folder
 
     cfg = from_dict(config["fluid"])
+    quiet_ray_train(cfg.train.verbose)
     k_max = int(config["k_max"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
