@@ -134,6 +134,9 @@ class StepCost:
         rows, width = max(1, int(rows)), max(1, int(width))
         by_context = [_interp(self.rows, [_interp(self.widths, line, width) for line in grid], rows)
                       for grid in self.table]
+        # beyond the measured rows or widths each context extrapolates with its own slope: keep the result
+        # non-decreasing in context there too (a running max of functions non-decreasing in rows and width)
+        by_context = [max(by_context[: i + 1]) for i in range(len(by_context))]
         return _interp(self.contexts, by_context, self.contexts[0] if context is None else int(context))
 
     def relative(self, rows: int, width: int, context: int | None = None) -> float:

@@ -223,3 +223,15 @@ def test_measuring_stops_past_its_budget_and_the_rest_is_extrapolated(model):
     assert sorted(times) == [(r, w, c) for r in (1, 2) for w in (1, 2) for c in (8, 64)]  # every context alike
     cost = StepCost(times)
     assert cost(8, 2, 64) >= cost(8, 2) >= cost(2, 2) > 0
+
+
+def test_extrapolated_costs_stay_monotone_in_context():
+    """Past the grid each context extrapolates with its own slope; a long context never prices below a short one."""
+    table = {(r, w, c): t for (r, w), (t8, t64) in {(1, 1): (1.0, 1.5), (1, 2): (1.2, 1.6), (2, 1): (2.0, 1.6),
+                                                  (2, 2): (3.0, 1.7)}.items()
+             for c, t in ((8, t8), (64, t64))}
+    cost = StepCost(table)
+    for rows in (2, 4, 8, 64):
+        for width in (1, 2, 4):
+            assert cost(rows, width, 64) >= cost(rows, width, 8) > 0, (rows, width)
+            assert cost(rows, width, 36) >= cost(rows, width, 8)
