@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -220,9 +221,11 @@ def load_cached(key: dict, cache_dir: str | Path) -> StepCost | None:
 def save_cached(cost: StepCost, cache_dir: str | Path) -> Path:
     path = cache_file(cost.key, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a temporary file of this process's own, renamed into place: replicas starting together on one node
+    # never read half a file, nor rename another replica's half-written one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cost.to_dict(), indent=1))
-    tmp.replace(path)  # atomic: replicas starting together never read half a file
+    tmp.replace(path)
     return path
 
 
