@@ -471,3 +471,55 @@ class CostAwareHorizon:
         elif good > 0:
             self.share = self.probe_share
         self.wait = 0
+
+
+class AcceptanceMemory:
+    """What a sampler's greedy-verify rows learned of its drafter, handed to its next rows.
+
+    A new `CostAwareHorizon` starts from the prior (a_j = 0.5) and has to learn the drafter's acceptance
+    from its own verdicts, paying for the wide steps that find out — a few forwards that a short request
+    never wins back. The drafter's acceptance is mostly a property of the model, not of the request, so
+    a sampler keeps the counts of its finished rows: `learn(h)` blends a finished row's decayed counts
+    (and its probe share) in, halving what was there; `seed(h)` starts a new row from them, scaled to
+    at most `weight` tries per depth so that the row's own verdicts still override them within a few
+    steps. Output is unchanged (greedy verify is lossless whatever K is); only where drafts start."""
+
+    def __init__(self, weight: float = 4.0, keep: float = 0.5):
+        self.weight, self.keep = float(weight), float(keep)
+        self.hits: list[float] = []
+        self.tries: list[float] = []
+        self.rank_hits: list[list[float]] = []
+        self.rank_tries: list[float] = []
+        self.share: float | None = None
+
+    def learn(self, h: CostAwareHorizon) -> None:
+        n = len(h.hits)
+        if len(self.hits) < n:
+            extra = n - len(self.hits)
+            self.hits += [0.0] * extra
+            self.tries += [0.0] * extra
+            self.rank_hits += [[0.0] * (TOP_K - 1) for _ in range(extra)]
+            self.rank_tries += [0.0] * extra
+        k = self.keep
+        for j in range(n):
+            self.hits[j] = k * self.hits[j] + h.hits[j]
+            self.tries[j] = k * self.tries[j] + h.tries[j]
+            self.rank_hits[j] = [k * a + b for a, b in zip(self.rank_hits[j], h.rank_hits[j], strict=True)]
+            self.rank_tries[j] = k * self.rank_tries[j] + h.rank_tries[j]
+        self.share = h.share
+
+    def seed(self, h: CostAwareHorizon) -> None:
+        if not self.tries:
+            return
+        n = min(len(h.hits), len(self.hits))
+        for j in range(1, n):
+            s = min(1.0, self.weight / self.tries[j]) if self.tries[j] > 0 else 0.0
+            h.hits[j], h.tries[j] = s * self.hits[j], s * self.tries[j]
+            r = min(1.0, self.weight / self.rank_tries[j]) if self.rank_tries[j] > 0 else 0.0
+            h.rank_hits[j] = [r * a for a in self.rank_hits[j]]
+            h.rank_tries[j] = r * self.rank_tries[j]
+        if self.share is not None:
+            h.share = self.share
+        h._memo.clear()
+        h.plan, h.plan_layout, h.plan_nodes = h.best()
+        h._memo.clear()

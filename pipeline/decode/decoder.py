@@ -75,8 +75,9 @@ class _Decoder:
         """Admit rows (continuous batching): their prompts are fed by the next `step()`."""
         greedy_verify = any(r.policy == "verify" and r.temperature == 0 for r in resolved)
         costs = self.s.forward_cost if greedy_verify else None
+        memory = getattr(self.s, "acceptance", None)
         rows = [_Row(r, self.s.tokenizer, costs, self.s.verify_layouts,
-                     getattr(self.s, "tokenizer_lock", None)) for r in resolved]
+                     getattr(self.s, "tokenizer_lock", None), memory) for r in resolved]
         self.active.extend(rows)
         return rows
 
@@ -391,6 +392,9 @@ class _Decoder:
                 row.text = s.decode(row.generated)  # once per request: the exact full decode
             st.tokens_per_forward = st.tokens / st.forwards
             st.wall_time_s = time.perf_counter() - row.t0
+            memory = getattr(s, "acceptance", None)
+            if memory is not None and isinstance(row.horizon, CostAwareHorizon):
+                memory.learn(row.horizon)
         return out
 
     def _compact(self) -> None:

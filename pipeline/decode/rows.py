@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from pipeline.decode.cost_model import CostAwareHorizon, ForwardCost
+from pipeline.decode.cost_model import AcceptanceMemory, CostAwareHorizon, ForwardCost
 from pipeline.decode.detok import IncrementalText
 from pipeline.decode.policies import ELASTIC, ElasticHorizon, Resolved
 
@@ -50,7 +50,8 @@ class _Row:
     """Decoding state of one request."""
 
     def __init__(self, r: Resolved, tokenizer, costs: ForwardCost | None = None,
-                 layouts: tuple[str, ...] = ("chain",), tokenizer_lock=None):
+                 layouts: tuple[str, ...] = ("chain",), tokenizer_lock=None,
+                 memory: AcceptanceMemory | None = None):
         self.r = r
         self.feed: list[int] = list(r.prompt_ids)  # clean tokens not yet in the cache
         self.n_drafts = 0  # trailing tokens of `feed` that are unverified drafts (verify)
@@ -70,6 +71,8 @@ class _Row:
             # greedy verify is lossless: its horizon may follow the machine's timing (cost_model.py);
             # sampling keeps the timing-independent controller, so a seed reproduces on any machine
             self.horizon = CostAwareHorizon(r.max_horizon, costs, layouts=layouts)
+            if memory is not None:
+                memory.seed(self.horizon)  # start from what the sampler's earlier rows learned
         self.observe: list[int] = []  # verify's probe drafts, compared with the tokens AR then commits
         self.observe_from = 0  # index in `generated` of observe[0]
         self.prev_hidden: torch.Tensor | None = None

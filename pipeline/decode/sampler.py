@@ -22,6 +22,7 @@ from pipeline.decode.cost_model import (
     LAYOUTS,
     SPANS_MAX_K,
     TREE_MAX_WIDTH,
+    AcceptanceMemory,
     ForwardCost,
     calibrate,
     check_layouts,
@@ -101,6 +102,9 @@ class Sampler:
         self._forward_cost = forward_cost
         self._step_cost, self._scheduler = step_cost, None
         self.verify_layouts = check_layouts(verify_layouts)  # the step layouts greedy verify may use
+        # what finished greedy-verify rows learned of the drafter starts the next rows (None: each row
+        # starts from the prior); outputs do not depend on it, only where drafting starts
+        self.acceptance: AcceptanceMemory | None = AcceptanceMemory()
 
     @property
     def step_masks(self) -> int:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from pipeline.decode.cost_model import SPANS_MAX_K, CostAwareHorizon, ForwardCost, calibrate
+from pipeline.decode.cost_model import SPANS_MAX_K, AcceptanceMemory, CostAwareHorizon, ForwardCost, calibrate
 from pipeline.errors import FluidError
 
 # 2-core CPU, SmolLM2-135M (docs): 2–3 tokens ~1.6 AR steps, 8 ~1.6, 16 ~1.9, 32 ~2.5
@@ -46,6 +46,31 @@ def test_zero_acceptance_gives_k1_whatever_the_cost():
         # full probe (probe_cap) cost nothing, and their drafts are only observed
         want = (1, False) if cost is CPU else (h.probe_cap, True)
         assert (h.choose(clean=1), h.probing) == want
+
+
+def test_a_new_row_starts_from_what_the_rows_before_it_learned():
+    memory = AcceptanceMemory(weight=4.0)
+    fresh = CostAwareHorizon(16, FLAT)
+    memory.seed(fresh)  # nothing learned yet: the prior
+    assert fresh.plan == SPANS_MAX_K and fresh.tries == [0.0] * 16
+    assert CostAwareHorizon(16, CPU).plan == 3  # the prior pays for a spans step at CPU costs
+    for seed in range(3):  # three finished rows whose drafts always failed
+        h = CostAwareHorizon(16, CPU)
+        memory.seed(h)
+        _observe(h, 0.0, 30, 8, seed=seed)
+        memory.learn(h)
+    new = CostAwareHorizon(16, CPU)
+    memory.seed(new)
+    assert new.plan == 1 and new.acceptance()[0] < 0.15  # it does not pay for wide steps to find out again
+    assert max(new.tries) <= 4.0 + 1e-9 and new.share == h.share < new.probe_share
+    _observe(new, 0.95, 6, 8)  # its own verdicts still override the memory within a few steps
+    assert new.plan > 4
+    good = CostAwareHorizon(16, CPU)
+    _observe(good, 0.95, 40, 8)
+    memory.learn(good)  # the newest row weighs most: the memory halves what was there
+    later = CostAwareHorizon(16, CPU)
+    memory.seed(later)
+    assert later.plan > 1 and later.acceptance()[0] > 0.45
 
 
 def test_flat_cost_opens_the_horizon_where_cpu_waits_for_acceptance_to_pay():
