@@ -348,31 +348,37 @@ def _lambada_task(export: str, items, policies: list[str], threads: int) -> list
 
 def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: list[str], max_tokens: int,
                   repeats: int, gammas: list[float]) -> tuple[dict, list[dict]]:
-    """Policies (and `threshold` at each gamma) vs HF greedy generate, interleaved in `repeats` rounds."""
+    """Policies (and `threshold` at each gamma) vs HF greedy generate, interleaved prompt by prompt in
+    `repeats` rounds: each prompt runs under every method in an order that rotates from prompt to
+    prompt, so a method's time never comes from a stretch of its own while the machine's speed drifts
+    (whole methods one after the other: a drift of a few per cent reads as a slowdown of the later ones)."""
     from pipeline.decode.sampler import GenerationRequest
     from pipeline.eval.ar_compare import agreement, continuation_nll, hf_generate
 
     methods = [("hf", None)] + [(p, None) for p in policies] + [("threshold", float(g)) for g in gammas]
 
-    def run(method):
+    def run(method, ids):
         pol, gamma = method
         t0 = time.perf_counter()
         if pol == "hf":
-            toks, res = hf_generate(sampler, prompt_ids, max_tokens, False), None
-        else:
-            res = [sampler.generate([GenerationRequest(prompt_ids=ids, policy=pol, gamma=gamma, max_tokens=max_tokens,
-                                                       stop_on_eos=False)])[0] for ids in prompt_ids]
-            toks = [r.token_ids for r in res]
-        return sum(map(len, toks)) / (time.perf_counter() - t0), toks, res
+            return hf_generate(sampler, [ids], max_tokens, False)[0], None, time.perf_counter() - t0
+        res = sampler.generate([GenerationRequest(prompt_ids=ids, policy=pol, gamma=gamma, max_tokens=max_tokens,
+                                                  stop_on_eos=False)])[0]
+        return res.token_ids, res, time.perf_counter() - t0
 
-    run(("ar", None))  # warm-up
+    run(("ar", None), prompt_ids[0])  # warm-up
     tps, last = {m: [] for m in methods}, {}
     for rnd in range(max(1, repeats)):
-        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
-        for m in order:
-            rate, toks, res = run(m)
-            tps[m].append(rate)
-            last[m] = (toks, res)
+        spent, outs = {m: 0.0 for m in methods}, {m: [] for m in methods}
+        for i, ids in enumerate(prompt_ids):
+            shift = (rnd + i) % len(methods)
+            for m in methods[shift:] + methods[:shift]:
+                toks, res, dt = run(m, ids)
+                spent[m] += dt
+                outs[m].append((toks, res))
+        for m in methods:
+            tps[m].append(sum(len(t) for t, _ in outs[m]) / spent[m])
+            last[m] = ([t for t, _ in outs[m]], [r for _, r in outs[m]])
     ref = last[("ar", None)][0]
     rows = []
     for m in methods[1:]:

@@ -141,3 +141,38 @@ def test_horizon_ce_of_a_real_model_equals_its_full_forward():
         logits = model(input_ids=inp).logits[:, 7:11]
     want = F.cross_entropy(logits.reshape(-1, 40), x[:, 8:].reshape(-1), reduction="none").view(3, 4).mean(0)
     assert got == pytest.approx(want.tolist(), rel=1e-5)
+
+
+def test_sampler_table_interleaves_methods_prompt_by_prompt(monkeypatch):
+    """Each prompt runs under every method, the order rotating from prompt to prompt: no method's time
+    comes from a stretch of its own (a drift of the machine's speed would read as a slowdown)."""
+    import pipeline.eval.ar_compare as ar_compare
+    from pipeline.decode.rows import GenerationResult, GenerationStats
+    from pipeline.eval.evaluate import sampler_table
+
+    calls = []
+
+    class Fake:
+        matmul, forward_cost = "stock", SimpleNamespace(table=lambda n: [1.0] * n)
+
+        def generate(self, reqs):
+            (q,) = reqs
+            calls.append((q.policy, q.prompt_ids[0]))
+            return [GenerationResult([7] * q.max_tokens, "", "length", len(q.prompt_ids),
+                                     GenerationStats(q.policy, forwards=q.max_tokens, tokens=q.max_tokens))]
+
+    def hf(sampler, prompts, max_tokens, stop):
+        calls.append(("hf", prompts[0][0]))
+        return [[7] * max_tokens]
+
+    monkeypatch.setattr(ar_compare, "hf_generate", hf)
+    monkeypatch.setattr(ar_compare, "continuation_nll", lambda model, prompts, toks: 0.0)
+    table, sweep = sampler_table(Fake(), None, [[1], [2], [3]], ["ar", "verify"], 4, repeats=2, gammas=[])
+    calls = calls[1:]  # the warm-up
+    assert len(calls) == 2 * 3 * 3
+    for i in range(6):  # round r, prompt p: every method once, the first one rotating
+        block = calls[3 * i: 3 * i + 3]
+        assert {p for _, p in block} == {i % 3 + 1} and [m for m, _ in block] == [
+            ["hf", "ar", "verify"][(j + i // 3 + i % 3) % 3] for j in range(3)]
+    rows = {r["policy"]: r for r in table["rows"]}
+    assert rows["verify"]["prefix_agreement"] == 1.0 and table["prompts"] == 3 and sweep == []
