@@ -4,6 +4,7 @@
   fluid bench sampler       decoding policies vs HF greedy generate (jobs/bench_sampler.py)
   fluid bench serve         Ray Serve throughput, N clients vs 1, or --policies ar,verify at 1-64 clients (jobs/load_test.py)
   fluid bench drafter-step  what the drafter adds to a step of each width (jobs/bench_drafter_step.py)
+  fluid bench curve         what training buys: a run's checkpoints by training minutes (jobs/bench_curve.py)
 
 Options after the name go to that benchmark (`fluid bench sampler --help`); `--record FILE.json`
 (default runs/bench/<name>.json) receives the result in the schema of pipeline/records.py (with
@@ -29,9 +30,9 @@ from pathlib import Path
 from pipeline.errors import FluidError
 
 BENCHES = {"data": "jobs.bench_data", "sampler": "jobs.bench_sampler", "serve": "jobs.load_test",
-           "drafter-step": "jobs.bench_drafter_step"}
+           "drafter-step": "jobs.bench_drafter_step", "curve": "jobs.bench_curve"}
 OUTPUT = {"data": ("--json", "out.json"), "sampler": ("--json", "out.json"), "serve": ("--out", "out.jsonl"),
-          "drafter-step": ("--json", "out.json")}
+          "drafter-step": ("--json", "out.json"), "curve": ("--json", "out.json")}
 
 
 def main(argv: list[str] | None = None) -> int:

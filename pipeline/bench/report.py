@@ -44,6 +44,11 @@ def bench_record(name: str, text: str, **context) -> dict:
     if name == "serve":
         return serve_record([json.loads(x) for x in text.splitlines() if x.strip()], **context)
     raw = json.loads(text)
+    if name == "curve":
+        from pipeline.bench.curve import COLUMNS, record_rows
+
+        return record(name, COLUMNS, record_rows(raw), settings={k: v for k, v in raw.items() if k != "rows"},
+                      **context)
     if name == "drafter-step":
         return record(name, list(raw["rows"][0]), raw["rows"], goals=raw["goals"], settings=raw["settings"], **context)
     return data_record(raw, **context) if name == "data" else sampler_record(raw, **context)

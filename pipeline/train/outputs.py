@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.sources.staging import _fs, copy_out, is_remote, join
 
 METRICS = "metrics.jsonl"
+CURVE_FILE = "curve.json"  # `fluid bench curve`: what training bought, by training minutes
 
 
 class RunFiles:
