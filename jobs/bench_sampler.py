@@ -10,7 +10,9 @@ same run), agreement with AR greedy (share of tokens before the first divergence
 and mask tokens fed per generated token. Timing ratios are the result; absolute times are noise.
 `x ar cpu` is the same ratio in process CPU time, a cross-check when other jobs share the machine.
 `=base`: share of tokens before the first divergence from the BASE model's greedy output (an adapted
-model may have drifted from it; a frozen-base drafter must score 1).
+model may have drifted from it; a frozen-base drafter must score 1). Before the rounds it prints what
+drafting adds to a step: a step of one clean token and w − 1 masks ÷ a step of w clean tokens, at
+w = 2, 4, 8, 16 (`masked_step_ratio` in the JSON; 1.0 = the drafter's masks cost nothing extra).
 
 Goals (exit status 1 when one is not met, 2 on an error): `entropy` and `verify` at least
 `--min-speedup` (0.95) × our `ar` loop; in float32, `verify`'s output equal to AR greedy.

@@ -27,8 +27,12 @@ def test_bench_sampler_exit_status_follows_its_goal(floor, rc, tmp_path, capsys)
 
     out = tmp_path / "raw.json"
     assert main([*SAMPLER, "--min-speedup", floor, "--json", str(out)]) == rc
-    goals = json.loads(out.read_text())["goals"]
+    raw = json.loads(out.read_text())
+    goals = raw["goals"]
     assert [g["met"] for g in goals] == [rc == 0, True]  # the speed floor; verify lossless in float32
+    # what drafting adds to a step, per width (the tiny model has no drafter: masks are plain tokens)
+    assert sorted(int(w) for w in raw["masked_step_ratio"]) == [2, 4, 8, 16]
+    assert all(0.2 < r < 5 for r in raw["masked_step_ratio"].values())
     assert ("NOT met" in capsys.readouterr().out) == (rc == 1)
 
 
@@ -39,6 +43,7 @@ def test_fluid_bench_sampler_exits_1_and_still_writes_its_record(tmp_path):
     assert main(["sampler", "--record", str(rec), "--figure", "test", *SAMPLER, "--min-speedup", "1000"]) == 1
     data = json.loads(rec.read_text())
     assert data["figure"] == "test" and data["goals"][0]["met"] is False
+    assert data["settings"]["dtype"] == "float32" and len(data["settings"]["masked_step_ratio"]) == 4
     assert data["machine"]["cpu_model"] and data["commit"]
 
 

@@ -29,7 +29,9 @@ def sampler_record(raw: dict, **context) -> dict:
     rows = [{names[k]: v for k, v in r.items() if k in names} for r in raw["rows"]]
     return record("sampler", list(names.values()), rows, goals=raw["goals"], **context,
                   settings={"hf_tokens_per_s": raw["hf_tokens_per_s"], "ar_equals_hf": raw["ar_equals_hf"],
-                            "hf_stock_tokens_per_s": raw["hf_stock_tokens_per_s"], "matmul": raw["matmul"]})
+                            "hf_stock_tokens_per_s": raw["hf_stock_tokens_per_s"], "matmul": raw["matmul"],
+                            "dtype": raw.get("dtype"), "masked_step_ratio": raw.get("masked_step_ratio"),
+                            "noise_floor": raw.get("noise_floor")})
 
 
 def serve_record(rows: list[dict], **context) -> dict:

@@ -288,6 +288,17 @@ def print_table(b: Bench, rows: list[dict], hf_same: int) -> None:
               f"{r['base_nll']:>9.3f}{r['base_prefix_agreement']:>7.3f}")
 
 
+def masked_step_ratio(b: Bench) -> dict[int, float]:
+    """What drafting adds to a step of the model under test (cost_model.masked_step_ratios: a step of one
+    clean token then w − 1 masks ÷ a step of w clean tokens; 1.0 = the drafter's masks cost nothing extra)."""
+    from pipeline.decode.cost_model import masked_step_ratios
+
+    s = b.sampler
+    ratios = masked_step_ratios(s.model, mask_token_id=s.mask_token_id, token_id=s.clean_probe_id, repeats=3)
+    print("masked step ÷ plain step of the same width: " + ", ".join(f"{w}: {r:.2f}" for w, r in ratios.items()))
+    return ratios
+
+
 def ar_noise_floor(b: Bench, batch: int = 8) -> dict:
     """Below float32, greedy decoding departs from itself at near-ties when a step's shape changes. The
     floor: the share of prompts whose greedy AR output at batch 1 differs from the same prompt's inside a
@@ -334,6 +345,7 @@ def sampler_goals(rows: list[dict], floor: float, dtype: str, noise: dict | None
 def run(args) -> int:
     """The whole benchmark: exit status 0 when every goal is met, 1 when one is not."""
     b = prepare(args)
+    step_ratio = masked_step_ratio(b)
     time_rounds(b)
     rows, hf_same = build_rows(b)
     print_table(b, rows, hf_same)
@@ -345,5 +357,6 @@ def run(args) -> int:
                                                "hf_stock_tokens_per_s": statistics.median(tps.get("hf0", tps["hf"])),
                                                "matmul": b.layout, "ar_equals_hf": hf_same, "rows": rows,
                                                "dtype": args.dtype, "noise_floor": noise,
+                                               "masked_step_ratio": step_ratio,
                                                "goals": goals}, indent=2))
     return 0 if all(g["met"] for g in goals) else 1
