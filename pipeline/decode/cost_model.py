@@ -22,12 +22,13 @@ Four layouts of a `verify` step with horizon K (D = K − 1 masks per span, b_1 
 With a_j the probability that draft j is accepted once drafts 1…j−1 were, S = Σ_{i≤D} Π_{j≤i} a_j the
 expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the stationary rates are
 
-    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   spans(K) = (1 + S) / (m · c(K²)),
+    chain(K) = (2 + S − P) / (c(2K − 1) + (1 − P) · c(K)),   spans(K) = (1 + S) / (m(K²) · c(K²)),
     rate(1) = 1 / c(1),
 
-tokens per unit of cost, m ≥ 1 being what an explicit 4-D attention mask adds to a step (a spans or
+tokens per unit of cost, m(w) ≥ 1 being what an explicit 4-D attention mask adds to a step of width w (a spans or
 tree step cannot take the model's built-in causal path, e.g. a fused causal kernel; measured
-at calibration — 1.0 for SmolLM2 with SDPA on a 2-core CPU). Where width is free (a GPU, a bf16 CPU
+at calibration, at MASK_CALIBRATION_WIDTHS — 1.0 for SmolLM2 with SDPA in fp32 on a 2-core CPU up to width 9,
+1.1–1.2 at 16–32 in bf16 on one core). Where width is free (a GPU, a bf16 CPU
 with matrix units) spans win: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width: there the batch scheduler (scheduler.py) prices the whole
@@ -39,8 +40,8 @@ greedy verify step observes, chain or tree). The expected tree of n nodes is the
 (a node's reach = Π a along its path); E = Σ reach (expected accepted drafts), L = the reach of its
 most likely leaf (candidates.expected_tree), and
 
-    candidates(K, n) = (2 + E − L) / (m · c(1 + n + D) + (1 − L) · c(K)),
-    spans+candidates(K, n) = (1 + E) / (m · c(1 + n + (n + 1) · D)),
+    candidates(K, n) = (2 + E − L) / (m·c(1 + n + D) + (1 − L) · c(K)),
+    spans+candidates(K, n) = (1 + E) / (m·c(1 + n + (n + 1) · D)),
 
 for n ≤ MAX_NODES, D < SPANS_MAX_K, widths ≤ TREE_MAX_WIDTH; the controller takes the best (K, n, layout).
 A one-path tree gives E = S, L = P: chain and spans rates times the mask's price m, so trees are not
@@ -86,6 +87,9 @@ TREE_MAX_WIDTH = SPANS_MAX_K**2
 MIN_RANK_EVIDENCE = 0.01  # trees are priced once AR's token is the drafter's 2nd…4th this often somewhere
 # 3 is the chain's width at K = 2 and 4 the spans layout's; CPU BLAS kernels often jump between them
 CALIBRATION_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# widths at which a step with an explicit 4-D mask is timed against the same step without: spans steps of
+# K = 2, 3, 4 (4, 9, 16) and candidate-tree widths (24, 32, 64), where the mask's price grows on some kernels
+MASK_CALIBRATION_WIDTHS = (4, 9, 16, 24, 32, 64)
 
 
 class ForwardCost:
@@ -96,10 +100,12 @@ class ForwardCost:
     `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a spans step:
     several spans), which the model cannot run on its built-in causal path."""
 
-    def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float = 1.0):
-        if not masked >= 1.0:
+    def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float | Mapping[int, float] = 1.0):
+        factors = dict(masked) if isinstance(masked, Mapping) else {1: masked}
+        if not factors or any(not f >= 1.0 for f in factors.values()):
             raise FluidError(f"the masked-step factor must be a number >= 1, got {masked}")
-        self.masked = float(masked)
+        self._factors = sorted((int(w), float(f)) for w, f in factors.items())
+        self.masked = statistics.median(f for _, f in self._factors)  # one number, for reports
         items = sorted(table.items()) if isinstance(table, Mapping) else list(enumerate(table, start=1))
         if not items:
             raise FluidError("a forward-cost table needs at least one entry (the cost of width 1)")
@@ -115,6 +121,23 @@ class ForwardCost:
             run = max(run, c / base)
             self.costs.append(run)
         self._memo: dict[int, float] = {}
+
+    def mask_factor(self, width: int) -> float:
+        """What an explicit attention mask multiplies a step of `width` by: measured at a few widths,
+        linearly interpolated between them and held constant beyond (a bf16 CPU step of 24 tokens paid
+        1.2x for its mask where one of 4 paid nothing)."""
+        fs = self._factors
+        if width <= fs[0][0] or len(fs) == 1:
+            return fs[0][1]
+        if width >= fs[-1][0]:
+            return fs[-1][1]
+        i = next(j for j in range(1, len(fs)) if fs[j][0] >= width)
+        (w0, f0), (w1, f1) = fs[i - 1], fs[i]
+        return f0 + (width - w0) / (w1 - w0) * (f1 - f0)
+
+    def explicit(self, width: int) -> float:
+        """The cost of a step of `width` that carries an explicit attention mask (spans, candidate trees)."""
+        return self(width) * self.mask_factor(width)
 
     @classmethod
     def flat(cls) -> ForwardCost:
@@ -145,7 +168,10 @@ class ForwardCost:
 
     def __repr__(self) -> str:
         table = dict(zip(self.widths, (round(c, 3) for c in self.costs), strict=True))
-        return f"ForwardCost({table}, masked={self.masked:.3f})" if self.masked != 1.0 else f"ForwardCost({table})"
+        if all(f == 1.0 for _, f in self._factors):
+            return f"ForwardCost({table})"
+        masked = {w: round(f, 3) for w, f in self._factors}
+        return f"ForwardCost({table}, masked={masked if len(masked) > 1 else self.masked})"
 
 
 def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
@@ -165,14 +191,14 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
     interleaved rounds), relative to width 1, and the factor a spans step pays for its explicit mask
-    (widths 4 and 9 — spans steps of K = 2 and 3 — with and without one). ~4 s for SmolLM2-135M on 2 CPU
+    (MASK_CALIBRATION_WIDTHS, each with and without one). ~4 s for SmolLM2-135M on 2 CPU
     cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
-    spans_widths = (4, 9)
-    times = time_widths(model, sorted(set(widths) | set(spans_widths)), **kw)  # the plain spans steps too
-    masked = time_widths(model, spans_widths, explicit_mask=True, **kw)
-    factor = statistics.median(statistics.median(masked[w]) / statistics.median(times[w]) for w in spans_widths)
-    return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=max(1.0, factor))
+    mask_widths = [w for w in MASK_CALIBRATION_WIDTHS if w <= max(9, *widths)]  # spans of K = 2, 3 at least
+    times = time_widths(model, sorted(set(widths) | set(mask_widths)), **kw)  # the plain steps of those widths too
+    masked = time_widths(model, mask_widths, explicit_mask=True, **kw)
+    factors = {w: max(1.0, statistics.median(masked[w]) / statistics.median(times[w])) for w in mask_widths}
+    return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=factors)
 
 
 @torch.inference_mode()
@@ -269,7 +295,7 @@ class CostAwareHorizon:
         self.rank_hits = [[0.0] * (TOP_K - 1) for _ in range(self.cap)]  # ranks 2…TOP_K per depth j
         self.rank_tries = [0.0] * self.cap
         self._memo: dict = {}  # tree tables and best plans by floor, until the next verdict
-        self._priced: dict[int, list[float]] = {}
+        self._priced: dict[int, tuple[list[float], list[float]]] = {}
         self.share = probe_share
         self.wait = 1e9  # AR steps since the last probe: the first one is due at once (along the prompt)
         self.plan, self.plan_layout, self.plan_nodes = self.best()  # K, layout, tree size at a floor of 1
@@ -333,7 +359,7 @@ class CostAwareHorizon:
             surv *= a
             s += surv
             if layout == "spans":
-                out.append(((1.0 + s) / (c(max(k * k, floor)) * c.masked) if k <= SPANS_MAX_K else 0.0, 0))
+                out.append(((1.0 + s) / c.explicit(max(k * k, floor)) if k <= SPANS_MAX_K else 0.0, 0))
             else:
                 out.append(((2.0 + s - surv) / (c(max(2 * k - 1, floor)) + (1.0 - surv) * c(max(k, floor))), 0))
         return out
@@ -348,17 +374,19 @@ class CostAwareHorizon:
             own = "spans" if spans else "chain"
             trees = [] if own in self.layouts else [expected_tree(acc[:d], MAX_NODES)
                                                      for d in range(1, min(self.cap, SPANS_MAX_K))]
-        m = self.cost.masked
-        cw = self._priced.get(floor)  # cost by width at this floor (the table never changes)
-        if cw is None:
-            cw = self._priced[floor] = [0.0] + [self.cost(max(w, floor)) for w in range(1, TREE_MAX_WIDTH + 1)]
+        priced = self._priced.get(floor)  # cost by width at this floor, plain and masked (the table never changes)
+        if priced is None:
+            widths = range(1, TREE_MAX_WIDTH + 1)
+            priced = self._priced[floor] = ([0.0] + [self.cost(max(w, floor)) for w in widths],
+                                            [0.0] + [self.cost.explicit(max(w, floor)) for w in widths])
+        cw, cm = priced
         out = [(1.0 / cw[1], 0)]
         for d, (e_by_n, leaf_by_n) in enumerate(trees, start=1):
             if spans:
                 sizes = [(n, e) for n, e in enumerate(e_by_n, start=1) if 1 + n + (n + 1) * d <= TREE_MAX_WIDTH]
-                rates = [((1.0 + e) / (m * cw[1 + n + (n + 1) * d]), n) for n, e in sizes]
+                rates = [((1.0 + e) / cm[1 + n + (n + 1) * d], n) for n, e in sizes]
             else:
-                rates = [((2.0 + e - leaf) / (m * cw[1 + n + d] + (1.0 - leaf) * cw[d + 1]), n)
+                rates = [((2.0 + e - leaf) / (cm[1 + n + d] + (1.0 - leaf) * cw[d + 1]), n)
                          for n, (e, leaf) in enumerate(zip(e_by_n, leaf_by_n, strict=True), start=1)]
             out.append(max(rates, key=lambda x: x[0], default=(0.0, 0)))
         return out + [(0.0, 0)] * (self.cap - len(out))

@@ -209,7 +209,8 @@ def test_spans_steps_pay_the_measured_price_of_their_explicit_mask():
 
     model.forward = spy
     cost = calibrate(model, widths=(1, 2, 4, 9, 16), past=4, repeats=1)
-    assert cost.masked >= 1.0 and {tuple(m.shape) for m in masks} == {(1, 1, 4, 8), (1, 1, 9, 13)}
+    # the mask's price at the mask widths the table reaches (spans of K = 2, 3, 4)
+    assert cost.masked >= 1.0 and {tuple(m.shape) for m in masks} == {(1, 1, 4, 8), (1, 1, 9, 13), (1, 1, 16, 20)}
     m = masks[0][0, 0]  # the causal rule over the past 4 entries and the step
     assert m.dtype == torch.bool and torch.equal(m, torch.ones(4, 8, dtype=torch.bool).tril(4))
     with pytest.raises(FluidError, match="masked-step factor"):
@@ -222,6 +223,15 @@ def test_spans_steps_pay_the_measured_price_of_their_explicit_mask():
     for a, b in zip(plain.rates(layout="spans")[1:], dear.rates(layout="spans")[1:], strict=True):
         assert a == pytest.approx(1.5 * b)
     assert plain.rates(layout="chain") == dear.rates(layout="chain")
+    # measured by width: interpolated between the widths, constant beyond; a wide masked step pays its own price
+    by_width = ForwardCost([1.0, 1.1, 1.2, 1.3], masked={4: 1.0, 16: 1.3})
+    assert [by_width.mask_factor(w) for w in (2, 4, 10, 16, 40)] == pytest.approx([1.0, 1.0, 1.15, 1.3, 1.3])
+    assert by_width.explicit(10) == pytest.approx(by_width(10) * 1.15) and "masked={4: 1.0, 16: 1.3}" in repr(by_width)
+    narrow, wide = (CostAwareHorizon(8, ForwardCost([1.0] * 4, masked=m), layouts=("spans",))
+                    for m in ({4: 1.0, 9: 1.0}, {4: 1.0, 9: 1.0, 16: 2.0}))
+    for h in (narrow, wide):
+        h.hits, h.tries = [0.0] + [8.0] * 7, [0.0] + [10.0] * 7
+    assert narrow.best()[0] > 3 and wide.best()[0] == 3  # a mask that doubles width 16 stops spans at K = 3
 
 
 def test_masked_step_ratio_is_one_without_a_drafter_and_sees_an_adapter_that_costs(monkeypatch):
