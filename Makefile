@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fluid-setup-$(shell sha256sum pyproject.toml | cut -c1-12)
 PIP_QUIET := -q --disable-pip-version-check
 
-.PHONY: setup demo test lint clean-venv
+.PHONY: setup demo test lint clean-venv drafter
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -31,6 +31,21 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The default drafter recipe (README, "Drafts that verify accepts") for MINUTES of training, then the
+# standing benchmark of its export (BENCHMARKS.md quotes what 60 minutes reach): `make drafter MINUTES=60`.
+# Distilling is resumable by shard; a re-run with the same settings resumes training from its checkpoint.
+MINUTES ?= 60
+DRAFTER_DTYPE ?= $(shell grep -qo 'amx_bf16\|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo bfloat16 || echo auto)
+drafter: setup
+	$(PY) -m jobs.distill --distill.output=runs/distilled --distill.prompt_len=32 --distill.new_tokens=96 \
+	    --distill.count=1024 --distill.shard_size=64 --distill.batch_size=64
+	$(PY) -m jobs.adapt --data.seq_len=128 --train.global_batch_size=4 --noise.k_max=6 --noise.draft_ratio=2 \
+	    --data.distilled=runs/distilled --data.distill_mix=1 --train.drafter=adapter --train.lora_rank=32 \
+	    --train.lora_alpha=64 '--train.lora_targets=[q_proj,o_proj,gate_proj,down_proj]' --noise.rho=0 \
+	    --train.lr=1e-3 --model.dtype=$(DRAFTER_DTYPE) --train.max_steps=100000 \
+	    --train.time_budget_s=$$(( $(MINUTES) * 60 )) --train.storage_path=runs --train.run_name=drafter
+	$(PY) -m jobs.bench sampler --model-dir runs/drafter/export --no-each-layout --record runs/drafter/bench_sampler.json
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs tests

@@ -100,3 +100,18 @@ def test_summary_gives_token_counts_and_intervals():
     text = summary(demo, report, {"events": 3, "text": "abc", "seconds": 1.0})
     assert "held-out AR CE (8128 tokens)" in text and "draft CE k=2 (128 tokens)" in text
     assert "LAMBADA accuracy on 100 items (95 % interval): ar 0.30 (0.22–0.40), threshold 0.25 (0.18–0.34)" in text
+    assert "the 60-minute drafter recipe (make drafter MINUTES=60)" in text
+
+
+def test_summary_quotes_the_60_minute_recipe_from_its_records(tmp_path):
+    from pipeline.demo.runner import RECIPE_RECORDS, recipe_lines
+
+    assert recipe_lines(tmp_path) == ["the 60-minute drafter recipe (make drafter MINUTES=60): not measured on "
+                                      "this checkout; run it to see what training buys"]
+    rec = {"rows": [{"policy": "ar", "× ar": 1.0, "tokens/forward": 1.0},
+                    {"policy": "verify", "× ar": 1.234, "tokens/forward": 1.9}],
+           "machine": {"cpu_model": "Some CPU"}, "date": "2026-12-06 18:00 UTC"}
+    (tmp_path / RECIPE_RECORDS["float32"]).write_text(json.dumps(rec))
+    (tmp_path / RECIPE_RECORDS["bfloat16"]).write_text("{not json")  # a broken record is skipped
+    assert recipe_lines(tmp_path) == ["the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.23x AR "
+                                      "at 1.90 tokens/forward in float32 (Some CPU, 2026-12-06 18:00 UTC)"]

@@ -232,6 +232,35 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
     return {"text": text, "events": events, "first_token_s": first, "seconds": time.perf_counter() - t0}
 
 
+# The standing benchmark of the 60-minute drafter recipe (`make drafter MINUTES=60`), one record per dtype,
+# committed under benchmarks/records/ (BENCHMARKS.md, "What training buys").
+RECIPE_RECORDS = {"bfloat16": "drafter_60min_bf16.json", "float32": "drafter_60min_fp32.json"}
+RECIPE_COMMAND = "make drafter MINUTES=60"
+
+
+def recipe_lines(records_dir: Path | None = None) -> list[str]:
+    """What the 60-minute drafter recipe reached, from its committed records (verify × our AR loop per dtype,
+    with the machine and date), and the one command that runs it. The demo's own drafter trains for a few
+    minutes: at its budget the cost model falls back to AR where drafts do not pay."""
+    folder = records_dir or Path(__file__).resolve().parents[2] / "benchmarks" / "records"
+    found = []
+    for dtype, name in RECIPE_RECORDS.items():
+        try:
+            rec = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        rows = {r.get("policy"): r for r in rec.get("rows", [])}
+        if "verify" in rows and "tokens/forward" in rows["verify"]:
+            v = rows["verify"]
+            found.append((dtype, v["× ar"], v["tokens/forward"], rec["machine"].get("cpu_model", "?"), rec["date"]))
+    head = f"the 60-minute drafter recipe ({RECIPE_COMMAND})"
+    if not found:
+        return [f"{head}: not measured on this checkout; run it to see what training buys"]
+    where = f"{found[0][3]}, {found[0][4]}"
+    return [f"{head} reached verify " + ", ".join(f"{x:.2f}x AR at {t:.2f} tokens/forward in {d}"
+                                                    for d, x, t, _, _ in found) + f" ({where})"]
+
+
 def summary(demo: Demo, report: dict, served: dict) -> str:
     rows = [(name, f"{demo.times[name][0]:.0f} s" if demo.times[name][1] == "ran" else "reused")
             for name in STAGES if name in demo.times]
@@ -255,6 +284,7 @@ def summary(demo: Demo, report: dict, served: dict) -> str:
             f"{r['policy']} {r['accuracy']:.2f} ({r['interval'][0]:.2f}–{r['interval'][1]:.2f})" for r in lam))
     lines.append(f"streamed completion: {served['events']} SSE events, {len(served['text'])} characters, "
                  f"{served['seconds']:.1f} s")
+    lines += recipe_lines()
     lines += ["-" * 72, f"report:  {report['paths']['markdown']}", f"plots:   {', '.join(report.get('plots', []))}",
               f"export:  {demo.export}", "=" * 72]
     return "\n".join(lines)
