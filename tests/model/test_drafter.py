@@ -176,6 +176,42 @@ def test_decoding_pays_the_adapter_on_draft_rows_only(layout):
     assert (got[is_mask] - base(input_ids=ids.masked_fill(is_mask, 0)).logits[is_mask]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("layout", ["suffix", "scattered"])
+def test_bf16_decoding_runs_the_low_rank_products_in_float32_and_keeps_clean_rows_exact(layout):
+    """On a CPU in bf16 the draft rows' rank-r products run in float32 (bf16 small products cost a fixed
+    ~25 µs each): clean rows stay the bf16 base model's bit for bit; draft rows equal the float32 delta
+    computed by hand, rounded once; a change of the LoRA weights is seen (the float32 copies are remade)."""
+    from pipeline.model.drafter import GatedLoRA
+
+    base, model = _drafter(40)
+    base, model = base.to(torch.bfloat16), model.to(torch.bfloat16)
+    ids = torch.as_tensor(np.random.default_rng(3).integers(2, 40, size=(2, 10)))
+    if layout == "suffix":
+        ids = ids[:1].clone()
+        ids[0, 6:] = 40
+    else:
+        ids[0, 3:5], ids[1, 7:] = 40, 40
+    is_mask = ids == 40
+    first = is_mask.int().argmax(1)
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+        ref = base(input_ids=ids.masked_fill(is_mask, 0)).logits
+    for b in range(ids.shape[0]):
+        assert torch.equal(got[b, : first[b]], ref[b, : first[b]])
+    lora = next(m for m in model.modules() if isinstance(m, GatedLoRA))
+    x = torch.randn(1, 5, lora.base.in_features, dtype=torch.bfloat16)
+    y = torch.nn.functional.linear(x, lora.base.weight)
+    delta = (x[0, 2:].float() @ lora.lora_A.weight.float().t() @ lora.lora_B.weight.float().t()).to(torch.bfloat16)
+    want = y.clone()
+    want[0, 2:] += lora.scale * delta
+    with torch.inference_mode():
+        assert torch.equal(lora._add_on_draft_rows(x, y.clone(), slice(2, 5)), want)
+    with torch.no_grad():
+        lora.lora_B.weight.zero_()
+    with torch.inference_mode():
+        assert torch.equal(lora._add_on_draft_rows(x, y.clone(), slice(2, 5)), y)  # the new weights are read
+
+
 def test_lora_layers_puts_the_drafter_on_the_chosen_layers_and_round_trips_through_the_export(tmp_path):
     from pipeline.errors import FluidError
     from pipeline.model.drafter import GatedLoRA, load_drafter
