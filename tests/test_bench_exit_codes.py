@@ -224,3 +224,26 @@ def test_bench_sampler_times_verify_held_to_each_layout(tmp_path):
     assert set(rows) == {"ar", "verify", "entropy", *(f"verify[{x}]" for x in layouts)}
     for x in layouts:  # every layout is lossless: the same tokens as AR, whatever the drafts
         assert rows[f"verify[{x}]"]["prefix_agreement"] == 1.0 and rows[f"verify[{x}]"]["tokens_per_forward"] >= 1.0
+
+
+def test_bench_sampler_interleaves_its_methods_prompt_by_prompt(monkeypatch):
+    """Each round decodes each prompt under every method, the order rotating from prompt to prompt; the
+    rates are the round's tokens over the round's time per method."""
+    from types import SimpleNamespace
+
+    import pipeline.bench.sampler as bs
+
+    calls = []
+
+    def fake(b, method, prompt_ids=None):
+        calls.append((method, prompt_ids[0][0]))
+        return (2.0 if method == "verify" else 1.0), 1.0, [[7, 7]], None
+
+    monkeypatch.setattr(bs, "run_method", fake)
+    b = SimpleNamespace(layout="stock", policies=["ar", "verify"], prompt_ids=[[1], [2], [3]], last={},
+                        args=SimpleNamespace(repeats=2, batch=False))
+    bs.time_rounds(b)
+    calls = calls[1:]  # the warm-up
+    assert [p for _, p in calls] == [p for _ in range(2) for p in (1, 2, 3) for _ in range(3)]
+    assert [m for m, _ in calls[:6]] == ["hf", "ar", "verify", "ar", "verify", "hf"]
+    assert b.tps["verify"] == [2.0, 2.0] and b.tps["ar"] == [1.0, 1.0] and b.last["ar"][0] == [[7, 7]] * 3

@@ -175,60 +175,78 @@ def prepare(args) -> Bench:
     return Bench(args, sampler, prompts, prompt_ids, policies, gammas, sampler.matmul)
 
 
-def requests(b: Bench, policy: str) -> list[GenerationRequest]:
+def requests(b: Bench, policy: str, prompt_ids: list[list[int]] | None = None) -> list[GenerationRequest]:
     g = float(b.gammas[policy]) if policy in b.gammas else None
     a = b.args
     return [GenerationRequest(prompt_ids=ids, policy=policy.split("[")[0], gamma=g, max_horizon=a.max_horizon,
-                              max_tokens=a.max_tokens, stop_on_eos=a.stop_on_eos) for ids in b.prompt_ids]
+                              max_tokens=a.max_tokens, stop_on_eos=a.stop_on_eos)
+            for ids in (b.prompt_ids if prompt_ids is None else prompt_ids)]
 
 
-def run_method(b: Bench, method: str) -> tuple[float, float, list[list[int]], list | None]:
-    """Decode every prompt once with `method` (hf, hf0 = HF on the stock layout, or a policy):
-    tokens/s, tokens per CPU-second, the token ids and the sampler's results (None for HF)."""
+def run_method(b: Bench, method: str, prompt_ids: list[list[int]] | None = None
+               ) -> tuple[float, float, list[list[int]], list | None]:
+    """Decode the prompts (default: all of them) once with `method` (hf, hf0 = HF on the stock layout, or a
+    policy): tokens/s, tokens per CPU-second, the token ids and the sampler's results (None for HF)."""
     sampler, a = b.sampler, b.args
+    ids = b.prompt_ids if prompt_ids is None else prompt_ids
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "hf":
-        toks, res = hf_generate(sampler, b.prompt_ids, a.max_tokens, a.stop_on_eos), None
+        toks, res = hf_generate(sampler, ids, a.max_tokens, a.stop_on_eos), None
     elif method == "hf0":  # HF generate on the stock layout
         set_matmul(sampler.model, "stock")
         try:
-            toks, res = hf_generate(sampler, b.prompt_ids, a.max_tokens, a.stop_on_eos), None
+            toks, res = hf_generate(sampler, ids, a.max_tokens, a.stop_on_eos), None
         finally:
             set_matmul(sampler.model, b.layout)
     else:
-        res = _generate(b, method)
+        res = _generate(b, method, ids)
         toks = [r.token_ids for r in res]
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = sum(len(t) for t in toks)
     return n / dt, n / max(cpu, 1e-9), toks, res
 
 
-def _generate(b: Bench, method: str) -> list:
-    """The sampler's results for every prompt with `method`: a policy, or verify[LAYOUT] (verify allowed
+def _generate(b: Bench, method: str, prompt_ids: list[list[int]]) -> list:
+    """The sampler's results for the prompts with `method`: a policy, or verify[LAYOUT] (verify allowed
     that one step layout only)."""
     sampler, saved = b.sampler, b.sampler.verify_layouts
     if method.startswith("verify["):
         sampler.verify_layouts = (method[len("verify["):-1],)
+    reqs = requests(b, method, prompt_ids)
     try:
         if b.args.batch:
-            return sampler.generate(requests(b, method))
-        return [sampler.generate([q])[0] for q in requests(b, method)]
+            return sampler.generate(reqs)
+        return [sampler.generate([q])[0] for q in reqs]
     finally:
         sampler.verify_layouts = saved
 
 
 def time_rounds(b: Bench) -> None:
-    """A warm-up, then --repeats rounds of every method in rotating order (fills tps, cps, last)."""
+    """A warm-up, then --repeats rounds (fills tps, cps, last). Each round decodes every prompt under every
+    method, prompt by prompt, the order of the methods rotating from prompt to prompt (with --batch: every
+    method once over all prompts, in rotating order): no method's time comes from a stretch of its own
+    while the machine's speed drifts."""
     methods = ["hf", *(["hf0"] if b.layout != "stock" else []), *b.policies]
-    run_method(b, "ar")  # warm-up
+    run_method(b, "ar", b.prompt_ids[:1])  # warm-up
     b.tps, b.cps = {m: [] for m in methods}, {m: [] for m in methods}
+    groups = [b.prompt_ids] if b.args.batch else [[ids] for ids in b.prompt_ids]
     for rnd in range(b.args.repeats):
-        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
-        for m in order:
-            rate, cpu_rate, toks, res = run_method(b, m)
-            b.tps[m].append(rate)
-            b.cps[m].append(cpu_rate)
-            b.last[m] = (toks, res)
+        wall, cpu = {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
+        toks, res = {m: [] for m in methods}, {m: [] for m in methods}
+        for i, group in enumerate(groups):
+            shift = (rnd + i) % len(methods)
+            for m in methods[shift:] + methods[:shift]:
+                rate, cpu_rate, t, r = run_method(b, m, group)
+                n = sum(len(x) for x in t)
+                wall[m] += n / rate
+                cpu[m] += n / cpu_rate
+                toks[m] += t
+                res[m] += r or []
+        for m in methods:
+            n = sum(len(x) for x in toks[m])
+            b.tps[m].append(n / wall[m])
+            b.cps[m].append(n / max(cpu[m], 1e-9))
+            b.last[m] = (toks[m], res[m] or None)
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
