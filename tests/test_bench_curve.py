@@ -43,3 +43,9 @@ def test_ar_vs_verify_and_flat_cost_on_a_tiny_sampler():
     assert flat >= 1.0 and s.forward_cost.table(4) == ForwardCost([1.0, 1.3, 1.5, 1.8]).table(4)  # restored
     curve = {"rows": [{"minutes": 15.0, "step": 100, "dtype": "float32", "flat_tokens_per_forward": flat, **r}]}
     assert record_rows(curve)[0]["× ar"] == r["speedup_vs_ar"] and "| 15 | 100 | float32 |" in table(curve)
+    assert "ar_floor" not in r and "— (fp32: exact)" in table(curve)
+    import torch
+
+    half = Sampler(model.to(torch.bfloat16), tok, mask_token_id=mask_id, k_max=4, forward_cost=[1.0, 1.3])
+    low = ar_vs_verify(half, ids, 8, repeats=1)  # below float32: the noise floor beside verify's departures
+    assert 0.0 <= low["ar_floor"] <= 1.0 and 0.0 <= low["differs"] <= 1.0
