@@ -75,6 +75,9 @@ def evaluate(cfg, export: str, *, base_spec: str | None = None, metrics_path: st
         "ce": ce, "lambada": lam, "sampler": table, "gamma_sweep": sweep, **({"harness": harness} if harness else {}),
         "horizon": horizon_samples(sampler, prompt_ids[:3], policies, e.max_tokens),
     }
+    curve = training_curve(Path(export).resolve().parent, out)
+    if curve:
+        report["curve"] = curve
     write_report(report, out, Path(metrics_path) if metrics_path else Path(export).resolve().parent / METRICS)
     report["seconds"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -139,6 +142,27 @@ def lambada_agreement(ar: dict, harness: list[float], cache_dir) -> dict:
     return {"items": ar["items"], "ours_correct": sum(ours), "harness_correct": sum(theirs),
             "only_harness": len(only_h), "only_ours": len(only_o),
             "examples": [[items[i].target, ar["predictions"][i]] for i in (only_h + only_o)[:6]]}
+
+
+def training_curve(run_dir: Path, out: Path) -> dict | None:
+    """What training bought, when `fluid bench curve` measured the run (`<run>/curve.json`, its plot copied
+    next to the report); None otherwise."""
+    import shutil
+
+    from pipeline.train.outputs import CURVE_FILE
+
+    path = run_dir / CURVE_FILE
+    if not path.is_file():
+        return None
+    try:
+        curve = json.loads(path.read_text())
+    except ValueError:
+        return None
+    png = run_dir / "curve.png"
+    if png.is_file() and png.resolve() != (out / png.name).resolve():
+        shutil.copyfile(png, out / png.name)
+    curve["plot"] = png.name if png.is_file() else None
+    return curve
 
 
 def write_report(report: dict, out: Path, metrics_path: Path) -> None:

@@ -73,6 +73,12 @@ def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch,
                              "--eval.prompts=2", "--eval.max_tokens=6", "--eval.repeats=1", "--eval.gammas=[0.5]",
                              "--eval.tasks=1", "--eval.policies=[ar,verify,threshold,khead]",
                              "--sampler.forward_cost=[1.0,1.25]"])
+    curve = {"prompts": 12, "max_tokens": 64, "repeats": 2, "rows": [
+        {"minutes": 14.9, "step": 140, "dtype": "float32", "flat_tokens_per_forward": 2.3, "tokens_per_forward": 1.2,
+         "speedup_vs_ar": 1.09, "differs": 0.0},
+        {"minutes": 14.9, "step": 140, "dtype": "bfloat16", "flat_tokens_per_forward": 2.3, "tokens_per_forward": 2.1,
+         "speedup_vs_ar": 1.37, "differs": 0.25, "ar_floor": 0.33}]}
+    (export.parent / "curve.json").write_text(json.dumps(curve))  # `fluid bench curve` measured the run
     r = evaluate(cfg, str(export), log=lambda m: None)
     rows = {row["policy"]: row for row in r["sampler"]["rows"]}
     assert set(rows) == {"ar", "verify", "threshold"}  # no horizon head: khead is left out
@@ -93,6 +99,8 @@ def test_evaluate_writes_report_and_ar_agrees_with_itself(tmp_path, monkeypatch,
     md = (out / "report.md").read_text()
     assert "first 2 of 5 153 test items" in md and "| ar |" in md
     _check_horizon_figure(r, out, md)
+    assert "## What training bought" in md and "| 14.9 | 140 | bfloat16 | 2.30 | 2.10 | 1.37 | 0.25 | 0.33 |" in md
+    assert r["curve"]["rows"][0]["speedup_vs_ar"] == 1.09
     _check_tracked(export.parent, r)
     with pytest.raises(FluidError, match="not a FLUID export"):
         evaluate(cfg, str(tmp_path), log=lambda m: None)
