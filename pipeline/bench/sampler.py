@@ -123,7 +123,12 @@ def load_base_model(args, sampler: Sampler):
     (fluid.json), or else the sampled model itself."""
     spec = args.base_model
     if spec is None and args.model_dir and is_export(args.model_dir):
-        spec = read_fluid_meta(args.model_dir).base_spec
+        meta = read_fluid_meta(args.model_dir)
+        if meta.drafter:
+            # a frozen-base drafter's AR path is its base model bit for bit (its adapter runs on [M] rows
+            # only; tests/model/test_drafter.py): no second copy to load and decode
+            return sampler.model
+        spec = meta.base_spec
     if not spec:
         return sampler.model
     from pipeline.model.causal_lm import load_causal_lm
