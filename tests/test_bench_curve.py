@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.bench.curve import ar_vs_verify, flat_tokens_per_forward, points, record_rows, table
+from pipeline.bench.curve import ar_vs_verify, flat_tokens_per_forward, merged, points, record_rows, table
 from pipeline.decode.cost_model import ForwardCost
 from pipeline.decode.sampler import Sampler
 from pipeline.errors import FluidError
@@ -49,3 +49,14 @@ def test_ar_vs_verify_and_flat_cost_on_a_tiny_sampler():
     half = Sampler(model.to(torch.bfloat16), tok, mask_token_id=mask_id, k_max=4, forward_cost=[1.0, 1.3])
     low = ar_vs_verify(half, ids, 8, repeats=1)  # below float32: the noise floor beside verify's departures
     assert 0.0 <= low["ar_floor"] <= 1.0 and 0.0 <= low["differs"] <= 1.0
+
+
+def test_points_measured_later_join_the_earlier_ones_of_the_same_settings(tmp_path):
+    path = tmp_path / "curve.json"
+    settings = {"prompts": 12, "max_tokens": 64, "repeats": 2, "torch_threads": 1}
+    row = lambda step, dtype, x: {"step": step, "dtype": dtype, "speedup_vs_ar": x}  # noqa: E731
+    assert merged(path, settings, [row(100, "float32", 1.0)]) == [row(100, "float32", 1.0)]
+    path.write_text(json.dumps({**settings, "rows": [row(100, "float32", 1.0), row(100, "bfloat16", 1.2)]}))
+    got = merged(path, settings, [row(200, "float32", 1.1), row(100, "bfloat16", 1.3)])
+    assert got == [row(100, "float32", 1.0), row(100, "bfloat16", 1.3), row(200, "float32", 1.1)]
+    assert merged(path, {**settings, "max_tokens": 128}, [row(200, "float32", 1.1)]) == [row(200, "float32", 1.1)]

@@ -196,13 +196,30 @@ def run(args) -> int:
         for r in measure_point(export_point(run_dir, step, ckpt), prompts, args, dtypes):
             rows.append({"minutes": round(mins, 1), "asked_minutes": m, "step": step, **r})
     out = {"run": str(run_dir), "prompts": len(prompts), "max_tokens": args.max_tokens, "repeats": args.repeats,
-           "torch_threads": torch.get_num_threads(), "rows": rows,
-           "plot": plot(rows, run_dir / "curve.png")}
+           "torch_threads": torch.get_num_threads()}
+    out["rows"] = merged(run_dir / CURVE_FILE, out, rows)
+    out["plot"] = plot(out["rows"], run_dir / "curve.png")
     (run_dir / CURVE_FILE).write_text(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     print(table(out))
     return 0
+
+
+def merged(path: Path, settings: dict, rows: list[dict]) -> list[dict]:
+    """`rows` with the points an earlier `fluid bench curve` of the run measured under the same settings
+    (prompts, tokens, rounds, threads) and this one did not: points may be measured as training reaches them."""
+    keys = ("prompts", "max_tokens", "repeats", "torch_threads")
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        old = {}
+    same = old and all(old.get(k) == settings[k] for k in keys)
+    if old and not same:
+        print(f"[fluid] curve: {path} was measured with other settings; it is replaced", flush=True)
+    new = {(r["step"], r["dtype"]) for r in rows}
+    kept = [r for r in old.get("rows", []) if (r["step"], r["dtype"]) not in new] if same else []
+    return sorted(kept + rows, key=lambda r: (r["step"], r["dtype"] != "float32", r["dtype"]))
 
 
 def table(curve: dict) -> str:
