@@ -18,7 +18,7 @@ COMMANDS = {
     "generate": ("jobs.generate", "generate text from an export with the elastic-horizon sampler"),
     "ablate": ("jobs.ablate", "ablation: causal alignment vs bidirectional conversion vs random init"),
     "evaluate": ("jobs.evaluate", "held-out CE, LAMBADA and the sampler table of an export: JSON, Markdown, plots"),
-    "bench": ("jobs.bench", "benchmarks: fluid bench data|sampler|serve (one table style, one JSON schema)"),
+    "bench": ("jobs.bench", "benchmarks: fluid bench data|sampler|serve|drafter-step|curve (one table style, one JSON schema)"),
     "export": ("jobs.export", "turn a training checkpoint into a Hugging Face folder with fluid.json"),
     "serve": ("jobs.serve", "serve an export behind an OpenAI-compatible endpoint on Ray Serve"),
 }
