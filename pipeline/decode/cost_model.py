@@ -53,7 +53,7 @@ extending a horizon that works). While drafts do not pay, the row decodes AR and
 cheap *probe*: the masks ride along one step (as wide as costs at most `probe_budget` extra), their
 drafts are only compared with the tokens AR then commits. Probes may spend a share `probe_share` of
 the AR steps' cost (a probe whose extra width costs 0.6 of an AR step comes every 15 steps at 4 %); a
-probe that finds nothing halves the share (exponential back-off, down to `min_share`), so the worst
+probe after which drafts still do not pay halves the share (exponential back-off, down to `min_share`), so the worst
 case stays within a few per cent of AR — on a busy CPU, where a 2-token forward may cost many AR
 steps, probes become rare by themselves. The first probe rides along the prompt.
 
@@ -494,8 +494,10 @@ class CostAwareHorizon:
             self.tries[j] = self.decay * self.tries[j] + 1.0
         self._memo.clear()
         self.plan, self.plan_layout, self.plan_nodes = self.best()
-        if self.plan == 1 and good == 0:
-            self.share = max(self.min_share, self.share / 2)  # nothing passed: probe half as often
+        if self.plan == 1:
+            # drafts still do not pay, whether or not some passed: probe half as often (a weak drafter's
+            # probes often pass a draft or two; resetting the rate then kept them at probe_share for good)
+            self.share = max(self.min_share, self.share / 2)
         elif good > 0:
             self.share = self.probe_share
         self.wait = 0

@@ -158,6 +158,27 @@ def test_probes_back_off_when_drafts_keep_failing():
     assert set(ks) == {1}  # 300 AR steps pay for less than one probe
 
 
+def test_probes_back_off_while_drafts_do_not_pay_even_when_some_pass():
+    """A weak drafter's probe often passes a draft: as long as drafting still does not pay, probes become
+    rarer all the same (they used to return to probe_share after every passing draft)."""
+    h = CostAwareHorizon(16, CPU, layouts=("chain",))
+    probes, verdicts = [], 0
+    for i in range(600):
+        k = h.choose(clean=1)
+        if k > 1 and not h.probing:  # a drafting step's verdict
+            verdicts += 1
+            h.update(k, 1 + verdicts % 2)
+            continue
+        h.update(1, 1)
+        if h.probing:
+            probes.append(i)
+            verdicts += 1
+            h.update(k, 1 + verdicts % 2)  # every other probe passes its first draft: a_1 ~ 0.5 does not pay
+    assert h.plan == 1 and len(probes) <= 8, probes
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps == sorted(gaps)
+
+
 def test_batch_width_and_prompt_make_masks_free():
     h = CostAwareHorizon(16, CPU, layouts=("chain",))
     h.wait = 0  # no probe due
