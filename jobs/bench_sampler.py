@@ -22,21 +22,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
+from jobs.common import bench_main
 from pipeline.bench.sampler import build_parser, run
-from pipeline.errors import FluidError
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(__doc__).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except FluidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return bench_main(build_parser, run, __doc__, argv, threads=True)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,19 @@ def run_job(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def bench_main(build_parser: Callable[[str | None], argparse.ArgumentParser], run: Callable[[argparse.Namespace], int],
+               doc: str | None, argv: list[str] | None, threads: bool = False) -> int:
+    """A benchmark's `main`: parse its options (`--threads N` sets torch's threads first when `threads`),
+    run it; an expected error prints one line and returns 2 (benchmarks exit 1 for a goal not met)."""
+    args = build_parser(doc).parse_args(argv)
+    if threads and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except FluidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -187,8 +187,6 @@ def run(args) -> int:
     if bad or not minutes:
         raise FluidError(f"--dtypes must name some of {', '.join(d for d in DTYPES if d != 'auto')} and "
                          f"--minutes at least one number; got {args.dtypes!r}, {args.minutes!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     prompts = corpus_prompts(args.prompts)
     rows = []
     for m, (mins, step, ckpt) in zip(minutes, points(run_dir, minutes), strict=True):
