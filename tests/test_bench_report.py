@@ -41,7 +41,7 @@ def test_bench_record_names_each_benchmarks_columns():
     assert rec["rows"] == [{"policy": "ar", "tokens/s": 10.0}] and rec["columns"][:3] == ["policy", "tokens/forward",
                                                                                           "tokens/s"]
     assert rec["settings"] == {"hf_tokens_per_s": 9.0, "ar_equals_hf": 4, "hf_stock_tokens_per_s": 8.0,
-                               "matmul": "stock"}
+                               "matmul": "stock", "dtype": None, "masked_step_ratio": None, "noise_floor": None}
     line = json.dumps({"time": 0.0, "tok/s": 2.0, "clients": 1, "round": 1})
     serve = bench_record("serve", f"{line}\n\n", command="fluid bench serve", commit="abc")
     assert serve["columns"] == ["round", "clients", "tok/s"] and serve["rows"][0]["time"] == 0.0

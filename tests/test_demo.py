@@ -110,8 +110,8 @@ def test_summary_quotes_the_60_minute_recipe_from_its_records(tmp_path):
                                       "this checkout; run it to see what training buys"]
     rec = {"rows": [{"policy": "ar", "× ar": 1.0, "tokens/forward": 1.0},
                     {"policy": "verify", "× ar": 1.234, "tokens/forward": 1.9}],
-           "machine": {"cpu_model": "Some CPU"}, "date": "2026-12-06 18:00 UTC"}
+           "machine": {"cpu_model": "Some CPU", "torch_threads": 1}, "date": "2026-12-06 18:00 UTC"}
     (tmp_path / RECIPE_RECORDS["float32"]).write_text(json.dumps(rec))
     (tmp_path / RECIPE_RECORDS["bfloat16"]).write_text("{not json")  # a broken record is skipped
     assert recipe_lines(tmp_path) == ["the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.23x AR "
-                                      "at 1.90 tokens/forward in float32 (Some CPU, 2026-12-06 18:00 UTC)"]
+                                      "at 1.90 tokens/forward in float32 (Some CPU, 1 torch thread, 2026-12-06 18:00 UTC)"]

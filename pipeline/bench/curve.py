@@ -30,6 +30,7 @@ from pipeline.decode.cost_model import ForwardCost
 from pipeline.decode.dtype import DTYPES
 from pipeline.decode.sampler import GenerationRequest
 from pipeline.errors import FluidError
+from pipeline.export_format import is_export
 from pipeline.train.outputs import CURVE_FILE
 
 COLUMNS = ["minutes", "step", "dtype", "tokens/forward (flat cost)", "tokens/forward", "× ar", "verify ≠ ar",
@@ -79,7 +80,7 @@ def export_point(run: Path, step: int, ckpt: Path) -> Path:
     from pipeline.train.export import export_checkpoint
 
     out = run / "curve" / f"step_{step}"
-    if not (out / "fluid.json").is_file():
+    if not is_export(out):
         export_checkpoint(str(ckpt), str(out))
     return out
 

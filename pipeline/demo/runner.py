@@ -252,7 +252,10 @@ def recipe_lines(records_dir: Path | None = None) -> list[str]:
         rows = {r.get("policy"): r for r in rec.get("rows", [])}
         if "verify" in rows and "tokens/forward" in rows["verify"]:
             v = rows["verify"]
-            found.append((dtype, v["× ar"], v["tokens/forward"], rec["machine"].get("cpu_model", "?"), rec["date"]))
+            m = rec["machine"]
+            threads = f", {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}" \
+                if m.get("torch_threads") else ""
+            found.append((dtype, v["× ar"], v["tokens/forward"], m.get("cpu_model", "?") + threads, rec["date"]))
     head = f"the 60-minute drafter recipe ({RECIPE_COMMAND})"
     if not found:
         return [f"{head}: not measured on this checkout; run it to see what training buys"]
