@@ -27,8 +27,8 @@ expected accepted drafts and P = Π_{j≤D} a_j the chance that all pass, the st
 
 tokens per unit of cost, m(w) ≥ 1 being what an explicit 4-D attention mask adds to a step of width w (a spans or
 tree step cannot take the model's built-in causal path, e.g. a fused causal kernel; measured
-at calibration, at MASK_CALIBRATION_WIDTHS — 1.0 for SmolLM2 with SDPA in fp32 on a 2-core CPU up to width 9,
-1.1–1.2 at 16–32 in bf16 on one core). Where width is free (a GPU, a bf16 CPU
+at calibration, at MASK_CALIBRATION_WIDTHS — for SmolLM2 with SDPA on this project's CPU 1.0–1.06 in fp32 and
+1.0–1.17 in bf16, one core). Where width is free (a GPU, a bf16 CPU
 with matrix units) spans win: with a_j = 0.5 it commits 1 + S ≈ 2 tokens per forward against ≈ 1.5 for the chain. On a CPU whose
 4-token forward costs 1.5 AR steps the chain's width 3 (K = 2) may be the only one that pays. In a
 batch every row pays for the batch's width: there the batch scheduler (scheduler.py) prices the whole
@@ -124,8 +124,8 @@ class ForwardCost:
 
     def mask_factor(self, width: int) -> float:
         """What an explicit attention mask multiplies a step of `width` by: measured at a few widths,
-        linearly interpolated between them and held constant beyond (a bf16 CPU step of 24 tokens paid
-        1.2x for its mask where one of 4 paid nothing)."""
+        linearly interpolated between them and held constant beyond: a kernel may price the mask
+        differently by width, which one factor from widths 4 and 9 did not see."""
         fs = self._factors
         if width <= fs[0][0] or len(fs) == 1:
             return fs[0][1]
