@@ -140,7 +140,7 @@ class GatedLoRA(nn.Module):
 
     def _low_rank_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 copies of A and Bᵀ (made again when the weights change). A CPU's bf16 matrix product has
-        a fixed cost of ~25 µs per call whatever its size (oneDNN's set-up), float32 ~4 µs: the two rank-32
+        a fixed cost of ~25 µs per call whatever its size, float32 ~4 µs: the two rank-32
         products of 120 adapted modules cost a bf16 step ~7 ms (10 % of it on one core), in float32 ~2 ms."""
         wa, wb = self.lora_A.weight, self.lora_B.weight
         key = (wa.data_ptr(), wa._version, wb.data_ptr(), wb._version)
