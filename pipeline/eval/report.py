@@ -58,18 +58,7 @@ def markdown(r: dict) -> str:
                          f"{row['base_nll']:.3f} |")
         lines.append("")
     if r.get("curve"):
-        c = r["curve"]
-        lines += ["## What training bought (`fluid bench curve`)", "",
-                  f"The run's checkpoints by training minutes, each exported and decoded with `verify` on "
-                  f"{c['prompts']} held-out prompts × {c['max_tokens']} tokens ({c['repeats']} rounds against our "
-                  "`ar` loop, prompt by prompt; flat cost: every width priced as one AR step).", "",
-                  "| minutes | step | dtype | tokens/forward (flat cost) | tokens/forward | × ar | verify ≠ ar | ar batch 8 ≠ ar |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
-        for row in c["rows"]:
-            floor = f"{row['ar_floor']:.2f}" if "ar_floor" in row else "—"
-            lines.append(f"| {row['minutes']:g} | {row['step']} | {row['dtype']} | {row['flat_tokens_per_forward']:.2f} | "
-                         f"{row['tokens_per_forward']:.2f} | {row['speedup_vs_ar']:.2f} | {row['differs']:.2f} | {floor} |")
-        lines += [""] + ([f"![curve]({c['plot']})", ""] if c.get("plot") else [])
+        lines += curve_markdown(r["curve"])
     if r.get("horizon"):
         lines += ["## The horizon, step by step", "", f"{len(r['horizon'])} held-out prompts decoded with "
                   f"`{r['horizon'][0]['policy']}`; `|` separates the text of successive forwards (coloured in "
@@ -79,6 +68,22 @@ def markdown(r: dict) -> str:
     if r.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]] + [""]
     return "\n".join(lines)
+
+
+def curve_markdown(c: dict) -> list[str]:
+    """The report's section on what training bought (`fluid bench curve`'s <run>/curve.json)."""
+    lines = ["## What training bought (`fluid bench curve`)", "",
+             f"The run's checkpoints by training minutes, each exported and decoded with `verify` on "
+             f"{c['prompts']} held-out prompts × {c['max_tokens']} tokens ({c['repeats']} rounds against our "
+             "`ar` loop, prompt by prompt; flat cost: every width priced as one AR step).", "",
+             "| minutes | step | dtype | tokens/forward (flat cost) | tokens/forward | × ar | verify ≠ ar | ar batch 8 ≠ ar |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in c["rows"]:
+        floor = f"{row['ar_floor']:.2f}" if "ar_floor" in row else "—"
+        lines.append(f"| {row['minutes']:g} | {row['step']} | {row['dtype']} | {row['flat_tokens_per_forward']:.2f} | "
+                     f"{row['tokens_per_forward']:.2f} | {row['speedup_vs_ar']:.2f} | {row['differs']:.2f} | {floor} |")
+    lines += [""] + ([f"![curve]({c['plot']})", ""] if c.get("plot") else [])
+    return lines
 
 
 def harness_markdown(h: dict) -> list[str]:
