@@ -50,7 +50,7 @@ chosen (nor priced) until AR's token is the drafter's 2nd…4th choice MIN_RANK_
 The a_j are decayed counts per position with a prior chained from position to position (a position
 never tested inherits the estimate of the one before it, so the controller is optimistic about
 extending a horizon that works). While drafts do not pay, the row decodes AR and now and then makes one
-cheap *probe*: the masks ride along one step (as wide as costs at most `probe_budget` extra), their
+cheap *probe*: the masks ride along one step (as wide as costs at most `probe_budget` AR steps extra), their
 drafts are only compared with the tokens AR then commits. Probes may spend a share `probe_share` of
 the AR steps' cost (a probe whose extra width costs 0.6 of an AR step comes every 15 steps at 4 %); a
 probe after which drafts still do not pay halves the share (exponential back-off, down to `min_share`), so the worst
@@ -454,7 +454,7 @@ class CostAwareHorizon:
     def choose(self, clean: int = 1, floor: int = 1) -> int:
         """The horizon of the next step, for a row feeding `clean` tokens in a batch at least `floor`
         wide. Sets `probing` when the step's drafts are only to be observed: when drafts do not pay
-        but a probe is due (within `probe_budget` extra cost), or its masks cost nothing extra; and
+        but a probe is due (within `probe_budget` AR steps of extra cost), or its masks cost nothing extra; and
         `spans`, `candidates` and `nodes` from the step's layout."""
         self.probing = self.spans = self.candidates = False
         self.nodes = 0
@@ -464,9 +464,11 @@ class CostAwareHorizon:
             return k
         if self.cap == 1:
             return 1
+        # in AR steps (c(1) = 1), as the share accrues: along a 64-token prompt a relative budget (10 % of
+        # the prefill) let every request of a sampler that knew its drafter spend ~0.4 AR steps on a probe
         base = self.cost(max(clean, floor))
-        due = self.wait * self.share >= self.cost(max(clean + 1, floor)) / base - 1.0
-        limit = base * (1.0 + (self.probe_budget if due else 1e-9))
+        due = self.wait * self.share >= self.cost(max(clean + 1, floor)) - base
+        limit = base + (self.probe_budget if due else 1e-9)
         k = 1
         while k < min(self.cap, self.probe_cap) and self.cost(max(clean + k, floor)) <= limit:
             k += 1
@@ -510,9 +512,10 @@ class AcceptanceMemory:
     from its own verdicts, paying for the wide steps that find out — a few forwards that a short request
     never wins back. The drafter's acceptance is mostly a property of the model, not of the request, so
     a sampler keeps the counts of its finished rows: `learn(h)` blends a finished row's decayed counts
-    (and its probe share) in, halving what was there; `seed(h)` starts a new row from them, scaled to
-    at most `weight` tries per depth so that the row's own verdicts still override them within a few
-    steps. Output is unchanged (greedy verify is lossless whatever K is); only where drafts start."""
+    (and its probe schedule: the share and the AR steps since its last probe) in, halving what was
+    there; `seed(h)` starts a new row from them, scaled to at most `weight` tries per depth so that the
+    row's own verdicts still override them within a few steps, its probes due where the last row's
+    were (a new row of a sampler that already knows its drafter does not probe along every prompt). Output is unchanged (greedy verify is lossless whatever K is); only where drafts start."""
 
     def __init__(self, weight: float = 4.0, keep: float = 0.5):
         self.weight, self.keep = float(weight), float(keep)
@@ -521,6 +524,7 @@ class AcceptanceMemory:
         self.rank_hits: list[list[float]] = []
         self.rank_tries: list[float] = []
         self.share: float | None = None
+        self.wait: float | None = None
 
     def learn(self, h: CostAwareHorizon) -> None:
         n = len(h.hits)
@@ -536,7 +540,7 @@ class AcceptanceMemory:
             self.tries[j] = k * self.tries[j] + h.tries[j]
             self.rank_hits[j] = [k * a + b for a, b in zip(self.rank_hits[j], h.rank_hits[j], strict=True)]
             self.rank_tries[j] = k * self.rank_tries[j] + h.rank_tries[j]
-        self.share = h.share
+        self.share, self.wait = h.share, h.wait
 
     def seed(self, h: CostAwareHorizon) -> None:
         if not self.tries:
@@ -550,6 +554,8 @@ class AcceptanceMemory:
             h.rank_tries[j] = r * self.rank_tries[j]
         if self.share is not None:
             h.share = self.share
+        if self.wait is not None:  # the probe schedule goes on: no probe along every new prompt
+            h.wait = self.wait
         h._memo.clear()
         h.plan, h.plan_layout, h.plan_nodes = h.best()
         h._memo.clear()

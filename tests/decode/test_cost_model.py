@@ -63,6 +63,10 @@ def test_a_new_row_starts_from_what_the_rows_before_it_learned():
     memory.seed(new)
     assert new.plan == 1 and new.acceptance()[0] < 0.15  # it does not pay for wide steps to find out again
     assert max(new.tries) <= 4.0 + 1e-9 and new.share == h.share < new.probe_share
+    # its probes come where the last row's schedule had them, not at once along its prompt
+    assert new.wait == h.wait < 1e9 and (new.choose(clean=1), new.probing) == (1, False)
+    unseeded = CostAwareHorizon(16, CPU, prior=0.05)  # drafts do not pay either, but nothing was learned
+    assert unseeded.plan == 1 and (unseeded.choose(clean=1), unseeded.probing) == (2, True)  # probes at once
     _observe(new, 0.95, 6, 8)  # its own verdicts still override the memory within a few steps
     assert new.plan > 4
     good = CostAwareHorizon(16, CPU)
@@ -186,6 +190,16 @@ def test_batch_width_and_prompt_make_masks_free():
     assert h.choose(clean=1, floor=9) == 8 and h.probing  # up to the batch's width masks cost nothing
     h = CostAwareHorizon(16, CPU, probe_budget=0.1, layouts=("chain",))
     assert h.choose(clean=40) > 2 and h.probing  # the first probe rides along a long prompt
+
+
+def test_a_probe_along_a_prompt_costs_at_most_its_budget_in_ar_steps():
+    """The budget is in AR steps, as the share accrues: 10 % of a 64-token prefill is ~0.4 AR steps."""
+    cost = ForwardCost({1: 1.0, 2: 1.6, 32: 2.5, 64: 4.0, 128: 7.0})  # ~0.047 AR steps per token past 64
+    h = CostAwareHorizon(16, cost, probe_budget=0.1, layouts=("chain",))
+    assert h.plan == 1 and h.choose(clean=64) == 3 and h.probing  # 2 masks: 0.094 AR steps
+    assert cost(64 + 2) - cost(64) <= 0.1 < cost(64 + 3) - cost(64)
+    h.wait, h.share = 1, 0.01  # 0.01 AR steps accrued: not even one mask (0.047) is due
+    assert h.choose(clean=64) == 1 and not h.probing
 
 
 def test_calibrate_measures_a_relative_table(tmp_path):
