@@ -247,3 +247,4 @@ def test_bench_sampler_interleaves_its_methods_prompt_by_prompt(monkeypatch):
     assert [p for _, p in calls] == [p for _ in range(2) for p in (1, 2, 3) for _ in range(3)]
     assert [m for m, _ in calls[:6]] == ["hf", "ar", "verify", "ar", "verify", "hf"]
     assert b.tps["verify"] == [2.0, 2.0] and b.tps["ar"] == [1.0, 1.0] and b.last["ar"][0] == [[7, 7]] * 3
+    assert b.pairs["verify"] == [2.0] * 6 and b.pairs["ar"] == [1.0] * 6  # speed-ups pair each prompt's runs

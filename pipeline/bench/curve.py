@@ -6,7 +6,7 @@ In:  a run folder (`<storage_path>/<run_name>`: checkpoint_*/trainer_state.json,
 Out: per point and dtype a row: greedy `verify`'s tokens per forward where every width costs one AR step
      (the horizon an accelerator plans: the drafter's quality, hardware aside), its tokens per forward
      and speed against our `ar` loop on this machine's kernels in that dtype (interleaved prompt by
-     prompt, medians of per-round ratios), and the share of prompts whose `verify` output differs from
+     prompt, medians of per-prompt ratios), and the share of prompts whose `verify` output differs from
      AR's (below float32, beside the noise floor: the share whose greedy AR output at batch 1 differs
      from the same prompt's inside a batch of 8). Written as `<run>/curve.json` (CURVE_FILE: `fluid evaluate` of the run's export shows it) and
      a PNG; `run` returns the exit status (0; 2 on an error).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from pipeline.decode.cost_model import ForwardCost
 from pipeline.decode.dtype import DTYPES
 from pipeline.decode.sampler import GenerationRequest
 from pipeline.errors import FluidError
+from pipeline.eval.ar_compare import paired_speedup
 from pipeline.export_format import is_export
 from pipeline.train.outputs import CURVE_FILE
 
@@ -95,20 +95,22 @@ def _decode(sampler, prompt_ids, policy: str, max_tokens: int) -> tuple[list, fl
 def ar_vs_verify(sampler, prompt_ids: list[list[int]], max_tokens: int, repeats: int) -> dict:
     """Greedy `verify` against our `ar` loop, prompt by prompt in rotating order, `repeats` rounds."""
     _decode(sampler, prompt_ids[:1], "ar", max_tokens)  # warm-up
-    ratios, last = [], {}
+    ratios, pairs, last = [], [], {}
     for rnd in range(max(1, repeats)):
         spent = {"ar": 0.0, "verify": 0.0}
         outs = {"ar": [], "verify": []}
         for i, ids in enumerate(prompt_ids):
+            took = {}
             for pol in (("ar", "verify") if (rnd + i) % 2 == 0 else ("verify", "ar")):
-                (res,), dt = _decode(sampler, [ids], pol, max_tokens)
-                spent[pol] += dt
+                (res,), took[pol] = _decode(sampler, [ids], pol, max_tokens)
+                spent[pol] += took[pol]
                 outs[pol].append(res)
-        ratios.append(spent["ar"] / spent["verify"])  # the same tokens: a ratio of times
+            pairs.append((1 / took["verify"], 1 / took["ar"]))  # the same tokens: rates are inverse times
+        ratios.append(spent["ar"] / spent["verify"])
         last = outs
     v, ar = last["verify"], last["ar"]
     out = {"tokens_per_forward": sum(r.stats.tokens for r in v) / sum(r.stats.forwards for r in v),
-           "speedup_vs_ar": statistics.median(ratios), "rounds": ratios,
+           "speedup_vs_ar": paired_speedup(*zip(*pairs, strict=True)), "rounds": ratios,
            "differs": sum(a.token_ids != b.token_ids for a, b in zip(v, ar, strict=True)) / len(v)}
     if sampler.model.dtype != torch.float32:  # the noise floor: greedy AR at batch 1 vs inside a batch of 8
         batched = [r.token_ids for i in range(0, len(prompt_ids), 8) for r in sampler.generate(

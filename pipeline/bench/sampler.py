@@ -3,7 +3,7 @@
 In:  the options of `build_parser()` (a model folder or the tiny random model, prompts, policies,
      timing rounds, dtype, matmul layout, the goal's floor).
 Out: per policy a row (tokens per forward, tokens/s, speed-ups vs HF greedy `generate` and our `ar`
-     loop as medians of per-round ratios, agreement with AR and with the base model, mask tokens
+     loop as medians of paired ratios (each prompt's runs in each round), agreement with AR and with the base model, mask tokens
      per token, base NLL), printed as a table with the goals; optionally JSON (`--json`); `run`
      returns the exit status (0 every goal met, 1 one not). Errors raise FluidError.
 """
@@ -26,7 +26,14 @@ from pipeline.decode.matmul import MATMUL_LAYOUTS, apply_matmul, set_matmul
 from pipeline.decode.policies import DEFAULT_GAMMA, POLICIES
 from pipeline.decode.sampler import GenerationRequest, Sampler
 from pipeline.errors import FluidError
-from pipeline.eval.ar_compare import agreement, base_greedy, continuation_nll, corpus_prompts, hf_generate
+from pipeline.eval.ar_compare import (
+    agreement,
+    base_greedy,
+    continuation_nll,
+    corpus_prompts,
+    hf_generate,
+    paired_speedup,
+)
 from pipeline.export_format import FLUID_META_FILE, is_export, read_fluid_meta
 from pipeline.model.tiny import build_tiny
 
@@ -150,6 +157,8 @@ class Bench:
     layout: str  # the matmul layout the model runs on (HF generate is also timed on "stock" when it differs)
     tps: dict[str, list[float]] = field(default_factory=dict)  # tokens/s per round
     cps: dict[str, list[float]] = field(default_factory=dict)  # tokens per CPU-second: less sensitive to load
+    pairs: dict[str, list[float]] = field(default_factory=dict)  # tokens/s per prompt (per round with --batch)
+    cpu_pairs: dict[str, list[float]] = field(default_factory=dict)  # the same per CPU-second
     last: dict[str, tuple] = field(default_factory=dict)  # (token ids, results) of the last round
 
 
@@ -234,6 +243,7 @@ def time_rounds(b: Bench) -> None:
     methods = ["hf", *(["hf0"] if b.layout != "stock" else []), *b.policies]
     run_method(b, "ar", b.prompt_ids[:1])  # warm-up
     b.tps, b.cps = {m: [] for m in methods}, {m: [] for m in methods}
+    b.pairs, b.cpu_pairs = {m: [] for m in methods}, {m: [] for m in methods}
     groups = [b.prompt_ids] if b.args.batch else [[ids] for ids in b.prompt_ids]
     for rnd in range(b.args.repeats):
         wall, cpu = {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
@@ -245,6 +255,8 @@ def time_rounds(b: Bench) -> None:
                 n = sum(len(x) for x in t)
                 wall[m] += n / rate
                 cpu[m] += n / cpu_rate
+                b.pairs[m].append(rate)
+                b.cpu_pairs[m].append(cpu_rate)
                 toks[m] += t
                 res[m] += r or []
         for m in methods:
@@ -254,23 +266,19 @@ def time_rounds(b: Bench) -> None:
             b.last[m] = (toks[m], res[m] or None)
 
 
-def _ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def policy_row(b: Bench, m: str, base, base_ref: list[list[int]]) -> dict:
     """One policy's row of the table (and of the JSON results)."""
-    tps, cps, ref = b.tps, b.cps, b.last["ar"][0]
+    tps, pairs, cps, ref = b.tps, b.pairs, b.cpu_pairs, b.last["ar"][0]
     toks, res = b.last[m]
     agree = [agreement(r, g) for r, g in zip(ref, toks, strict=True)]
     forwards = sum(r.stats.forwards for r in res)
     ntok = sum(r.stats.tokens for r in res)
     return {
         "policy": m, "tokens_per_forward": ntok / max(1, forwards), "tokens_per_s": statistics.median(tps[m]),
-        "speedup_vs_hf": _ratio(tps[m], tps["hf"]),
-        "speedup_vs_ar": _ratio(tps[m], tps["ar"]),
-        "speedup_vs_hf_stock": _ratio(tps[m], tps.get("hf0", tps["hf"])),
-        "cpu_speedup_vs_ar": _ratio(cps[m], cps["ar"]),
+        "speedup_vs_hf": paired_speedup(pairs[m], pairs["hf"]),
+        "speedup_vs_ar": paired_speedup(pairs[m], pairs["ar"]),
+        "speedup_vs_hf_stock": paired_speedup(pairs[m], pairs.get("hf0", pairs["hf"])),
+        "cpu_speedup_vs_ar": paired_speedup(cps[m], cps["ar"]),
         "prefix_agreement": statistics.mean(x for x, _ in agree),
         "match_rate": statistics.mean(y for _, y in agree),
         "masks_per_token": sum(r.stats.mask_tokens for r in res) / max(1, ntok),

@@ -2,13 +2,14 @@
 
 In: a Sampler (or a bare HF causal LM) and prompts as token ids. Out: HF greedy `generate`
 continuations (the baseline every speed-up is quoted against), the base model's own greedy output, the
-NLL of continuations under a model, the agreement of two token sequences, and held-out prompts from the
-default corpus.
+NLL of continuations under a model, the agreement of two token sequences, held-out prompts from the
+default corpus, and the speed-up estimate both tables quote (`paired_speedup`).
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 
@@ -85,3 +86,13 @@ def agreement(ref: list[int], got: list[int]) -> tuple[float, float]:
     prefix = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
     match = sum(a == b for a, b in zip(ref, got, strict=False))
     return prefix / len(ref), match / len(ref)
+
+
+def paired_speedup(rates: list[float], reference: list[float]) -> float:
+    """The median of rates[i] ÷ reference[i] over paired runs: the same prompts in the same round, run
+    next to each other (the tables rotate the order of methods prompt by prompt). A burst of load on
+    the machine during one run moves one pair of many, where it would move a whole round's total; on a
+    shared CPU, single runs 20 % slower than their neighbours were seen."""
+    if not rates or len(rates) != len(reference):
+        raise ValueError(f"paired_speedup needs paired runs, got {len(rates)} and {len(reference)}")
+    return statistics.median(a / b for a, b in zip(rates, reference, strict=True))

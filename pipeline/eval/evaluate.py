@@ -375,9 +375,10 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
     """Policies (and `threshold` at each gamma) vs HF greedy generate, interleaved prompt by prompt in
     `repeats` rounds: each prompt runs under every method in an order that rotates from prompt to
     prompt, so a method's time never comes from a stretch of its own while the machine's speed drifts
-    (whole methods one after the other: a drift of a few per cent reads as a slowdown of the later ones)."""
+    (whole methods one after the other: a drift of a few per cent reads as a slowdown of the later ones).
+    Speed-ups are medians over those pairs (ar_compare.paired_speedup), tokens/s medians over rounds."""
     from pipeline.decode.sampler import GenerationRequest
-    from pipeline.eval.ar_compare import agreement, continuation_nll, hf_generate
+    from pipeline.eval.ar_compare import agreement, continuation_nll, hf_generate, paired_speedup
 
     methods = [("hf", None)] + [(p, None) for p in policies] + [("threshold", float(g)) for g in gammas]
 
@@ -391,7 +392,7 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
         return res.token_ids, res, time.perf_counter() - t0
 
     run(("ar", None), prompt_ids[0])  # warm-up
-    tps, last = {m: [] for m in methods}, {}
+    tps, pair, last = {m: [] for m in methods}, {m: [] for m in methods}, {}
     for rnd in range(max(1, repeats)):
         spent, outs = {m: 0.0 for m in methods}, {m: [] for m in methods}
         for i, ids in enumerate(prompt_ids):
@@ -399,6 +400,7 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
             for m in methods[shift:] + methods[:shift]:
                 toks, res, dt = run(m, ids)
                 spent[m] += dt
+                pair[m].append(len(toks) / dt)
                 outs[m].append((toks, res))
         for m in methods:
             tps[m].append(sum(len(t) for t, _ in outs[m]) / spent[m])
@@ -415,8 +417,8 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
                 hist[int(k)] = hist.get(int(k), 0) + v
         rows.append({"policy": m[0], "gamma": m[1], "tokens_per_forward": ntok / max(1, forwards),
                      "tokens_per_s": statistics.median(tps[m]),
-                     "speedup_vs_hf": statistics.median(a / b for a, b in zip(tps[m], tps[("hf", None)], strict=True)),
-                     "speedup_vs_ar": statistics.median(a / b for a, b in zip(tps[m], tps[("ar", None)], strict=True)),
+                     "speedup_vs_hf": paired_speedup(pair[m], pair[("hf", None)]),
+                     "speedup_vs_ar": paired_speedup(pair[m], pair[("ar", None)]),
                      "prefix_agreement": statistics.mean(a for a, _ in agree),
                      "match_rate": statistics.mean(b for _, b in agree),
                      "base_nll": continuation_nll(base_model, prompt_ids, toks), "accepted_hist": hist})
