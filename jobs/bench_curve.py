@@ -4,7 +4,7 @@
 
 Per point and dtype: greedy verify's tokens per forward where every width costs one AR step (flat
 cost: the drafter's quality, hardware aside), its tokens per forward and speed against our ar loop on
-this machine's kernels in that dtype (prompt by prompt in rotating order, medians of per-round ratios),
+this machine's kernels in that dtype (prompt by prompt in rotating order, medians of per-prompt ratios),
 and the share of prompts whose verify output differs from AR's (0 in float32: verify is lossless).
 Writes <run>/curve.json and <run>/curve.png; `fluid evaluate` of <run>/export shows them.
 Train with checkpoints kept (e.g. --train.checkpoint_every=20 --train.keep_checkpoints=200).

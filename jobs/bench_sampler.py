@@ -5,8 +5,8 @@
     python -m jobs.bench_sampler --model-dir HF_DIR --mask-token-id 0
 
 Per policy: tokens per forward, tokens/s (median of rounds), speed-up vs HF greedy generate and vs
-our `ar` policy (medians of per-round ratios; methods are interleaved in rotating order within the
-same run), agreement with AR greedy (share of tokens before the first divergence, token match rate)
+our `ar` policy (medians of paired runs: each prompt under both methods, next to each other, the order
+of methods rotating from prompt to prompt), agreement with AR greedy (share of tokens before the first divergence, token match rate)
 and mask tokens fed per generated token. Timing ratios are the result; absolute times are noise.
 `x ar cpu` is the same ratio in process CPU time, a cross-check when other jobs share the machine.
 `=base`: share of tokens before the first divergence from the BASE model's greedy output (an adapted

@@ -289,7 +289,7 @@ class EvalConfig:
     max_tokens: int = 48
     """Tokens generated per prompt in the sampler table."""
     repeats: int = 2
-    """Interleaved timing rounds of the sampler table (speeds are medians of per-round ratios)."""
+    """Interleaved timing rounds of the sampler table (speed-ups are medians over the prompts × rounds of paired runs)."""
     gammas: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.97])
     """`threshold` gammas of the speed-vs-agreement sweep (empty: no sweep)."""
     tasks: int = 2
