@@ -46,7 +46,8 @@ class RayMetrics(Metrics):
 
     def step(self, committed: list[int], rows: int, kv_entries: int) -> None:
         if committed:
-            self.tokens.inc(sum(committed))
+            if sum(committed):  # a step may commit nothing to a row (e.g. it finished on a stop string)
+                self.tokens.inc(sum(committed))
             self.forwards.inc(1)
             self.rows.observe(rows)
             for n in committed:

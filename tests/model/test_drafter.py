@@ -73,7 +73,9 @@ def test_verify_with_the_drafter_reproduces_the_base_greedy_output():
     tok = make_tiny_tokenizer()
     vocab = len(tok)
     base, model = _drafter(vocab, seed=2)
-    sampler = Sampler(model, tok, mask_token_id=vocab, k_max=6)
+    # every width priced as one step: drafts are proposed whatever this machine's load (a measured table
+    # made under load can price every draft out, and the test then checks no draft at all)
+    sampler = Sampler(model, tok, mask_token_id=vocab, k_max=6, forward_cost=[1.0])
     prompts = [[5, 6, 7], [9, 3, 12, 4, 8], [20]]
     out = sampler.generate([GenerationRequest(prompt_ids=p, max_tokens=24, policy="verify", stop_on_eos=False)
                             for p in prompts])

@@ -108,10 +108,10 @@ def accum_run(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _assert_params_close(got: dict, want: dict, what: str) -> None:
+def _assert_params_close(got: dict, want: dict, what: str, atol: float = 1e-5) -> None:
     assert got.keys() == want.keys()
     for name, w in want.items():
-        torch.testing.assert_close(got[name], w, atol=1e-5, rtol=1e-4, msg=f"{what}: {name}")
+        torch.testing.assert_close(got[name], w, atol=atol, rtol=1e-4, msg=f"{what}: {name}")
 
 
 def test_one_reduction_per_step(accum_run):
@@ -132,6 +132,9 @@ def test_reduce_once_equals_reduce_every_micro_batch_and_one_process(accum_run):
     for rank, res in enumerate(accum_run):
         for path in ("once", "every"):
             torch.testing.assert_close(res[path]["losses"], ref_losses, atol=1e-6, rtol=1e-5)
-            _assert_params_close(res[path]["params"], ref_params, f"rank {rank}, {path} vs one process")
+            # sums in another order: AdamW divides tiny gradients by their own size, so a last-bit difference
+            # can move an update by ~1e-3 of the lr (1.4e-5 seen on one of 2048 weights on an AMD EPYC); a
+            # lost or doubled micro-batch moves thousands of weights by ~lr (1e-2)
+            _assert_params_close(res[path]["params"], ref_params, f"rank {rank}, {path} vs one process", atol=1e-4)
         _assert_params_close(res["once"]["params"], res["every"]["params"], f"rank {rank}, once vs every")
     assert accum_run[0]["once"]["losses"] == accum_run[1]["once"]["losses"]  # all-reduced: same on both ranks

@@ -455,6 +455,7 @@ def test_ray_metrics_accept_every_engine_report():
     m = RayMetrics("tiny")
     m.step([1, 2, 3], 3, 100)
     m.step([], 0, 0)
+    m.step([0], 1, 50)  # a step that committed nothing to its only row
     m.rejected()
     m.queue(1, 2)
     m.finished(GenerationResult([1, 2, 3], "x", "length", 1, GenerationStats("verify", forwards=2, tokens=3)))
