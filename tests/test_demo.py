@@ -104,14 +104,28 @@ def test_summary_gives_token_counts_and_intervals():
 
 
 def test_summary_quotes_the_60_minute_recipe_from_its_records(tmp_path):
-    from pipeline.demo.runner import RECIPE_RECORDS, recipe_lines
+    from pipeline.demo.runner import recipe_lines
 
     assert recipe_lines(tmp_path) == ["the 60-minute drafter recipe (make drafter MINUTES=60): not measured on "
                                       "this checkout; run it to see what training buys"]
-    rec = {"rows": [{"policy": "ar", "× ar": 1.0, "tokens/forward": 1.0},
-                    {"policy": "verify", "× ar": 1.234, "tokens/forward": 1.9}],
-           "machine": {"cpu_model": "Some CPU", "torch_threads": 1}, "date": "2026-12-06 18:00 UTC"}
-    (tmp_path / RECIPE_RECORDS["float32"]).write_text(json.dumps(rec))
-    (tmp_path / RECIPE_RECORDS["bfloat16"]).write_text("{not json")  # a broken record is skipped
-    assert recipe_lines(tmp_path) == ["the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.23x AR "
-                                      "at 1.90 tokens/forward in float32 (Some CPU, 1 torch thread, 2026-12-06 18:00 UTC)"]
+
+    def record(cpu, dtype, x, threads=1):
+        return json.dumps({"rows": [{"policy": "ar", "× ar": 1.0, "tokens/forward": 1.0},
+                                    {"policy": "verify", "× ar": x, "tokens/forward": 1.9}],
+                           "settings": {"dtype": dtype}, "date": "2026-12-06 18:00 UTC",
+                           "machine": {"cpu_model": cpu, "torch_threads": threads}})
+
+    (tmp_path / "drafter_60min_fp32.json").write_text(record("Some CPU", "float32", 1.234))
+    (tmp_path / "drafter_60min_bf16.json").write_text("{not json")  # a broken record is skipped
+    (tmp_path / "drafter_60min_layouts_flat.json").write_text(record("Some CPU", "bfloat16", 9.0))  # not one
+    assert recipe_lines(tmp_path, this_cpu="Some CPU") == [
+        "the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.23x AR at 1.90 tokens/forward "
+        "in float32 (Some CPU, 1 torch thread, 2026-12-06 18:00 UTC, this CPU)"]
+    (tmp_path / "drafter_60min_bf16_other.json").write_text(record("Other CPU", "bfloat16", 1.5, threads=2))
+    (tmp_path / "drafter_60min_fp32_other.json").write_text(record("Other CPU", "float32", 1.0, threads=2))
+    lines = recipe_lines(tmp_path, this_cpu="Other CPU")  # every machine's line, this CPU's first
+    assert lines == ["the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.50x AR at 1.90 "
+                     "tokens/forward in bfloat16, 1.00x AR at 1.90 tokens/forward in float32 (Other CPU, 2 torch "
+                     "threads, 2026-12-06 18:00 UTC, this CPU)",
+                     "the 60-minute drafter recipe (make drafter MINUTES=60) reached verify 1.23x AR at 1.90 "
+                     "tokens/forward in float32 (Some CPU, 1 torch thread, 2026-12-06 18:00 UTC)"]

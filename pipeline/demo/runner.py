@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import signal
 import time
@@ -236,36 +237,46 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
     return {"text": text, "events": events, "first_token_s": first, "seconds": time.perf_counter() - t0}
 
 
-# The standing benchmark of the 60-minute drafter recipe (`make drafter MINUTES=60`), one record per dtype,
-# committed under benchmarks/records/ (BENCHMARKS.md, "What training buys").
-RECIPE_RECORDS = {"bfloat16": "drafter_60min_bf16.json", "float32": "drafter_60min_fp32.json"}
+# The standing benchmark of the 60-minute drafter recipe (`make drafter MINUTES=60`), one record per dtype
+# and machine, committed under benchmarks/records/ (BENCHMARKS.md, "What training buys"):
+# drafter_60min_{bf16,fp32}[_MACHINE].json. Machines differ (with AMX bf16 width is nearly free, without
+# it not), so the summary quotes every machine's records, this CPU's first.
+RECIPE_RECORD = re.compile(r"drafter_60min_(bf16|fp32)(_[a-z0-9]+)?\.json")
 RECIPE_COMMAND = "make drafter MINUTES=60"
 
 
-def recipe_lines(records_dir: Path | None = None) -> list[str]:
-    """What the 60-minute drafter recipe reached, from its committed records (verify × our AR loop per dtype,
-    with the machine and date), and the one command that runs it. The demo's own drafter trains for a few
-    minutes: at its budget the cost model falls back to AR where drafts do not pay."""
+def recipe_lines(records_dir: Path | None = None, this_cpu: str | None = None) -> list[str]:
+    """What the 60-minute drafter recipe reached, from its committed records: per machine one line (verify ×
+    our AR loop per dtype, the machine and date), this CPU's (`this_cpu`, default records.cpu_model())
+    first; and the one command that runs it. The demo's own drafter trains for a few minutes: at its
+    budget the cost model falls back to AR where drafts do not pay."""
+    from pipeline.records import cpu_model
+
     folder = records_dir or Path(__file__).resolve().parents[2] / "benchmarks" / "records"
-    found = []
-    for dtype, name in RECIPE_RECORDS.items():
+    by_cpu: dict[str, list[tuple]] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        name = RECIPE_RECORD.fullmatch(path.name)
         try:
-            rec = json.loads((folder / name).read_text())
+            rec = json.loads(path.read_text()) if name else None
         except (OSError, ValueError):
             continue
-        rows = {r.get("policy"): r for r in rec.get("rows", [])}
-        if "verify" in rows and "tokens/forward" in rows["verify"]:
-            v = rows["verify"]
-            m = rec["machine"]
-            threads = f", {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}" \
-                if m.get("torch_threads") else ""
-            found.append((dtype, v["× ar"], v["tokens/forward"], m.get("cpu_model", "?") + threads, rec["date"]))
+        v = {r.get("policy"): r for r in (rec or {}).get("rows", [])}.get("verify")
+        if not v or "tokens/forward" not in v:
+            continue
+        m = rec.get("machine", {})
+        threads = f", {m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}" \
+            if m.get("torch_threads") else ""
+        dtype = rec.get("settings", {}).get("dtype") or {"bf16": "bfloat16", "fp32": "float32"}[name.group(1)]
+        by_cpu.setdefault(m.get("cpu_model", "?"), []).append((dtype, v["× ar"], v["tokens/forward"], threads,
+                                                              rec.get("date", "?")))
     head = f"the 60-minute drafter recipe ({RECIPE_COMMAND})"
-    if not found:
+    if not by_cpu:
         return [f"{head}: not measured on this checkout; run it to see what training buys"]
-    where = f"{found[0][3]}, {found[0][4]}"
+    here = this_cpu if this_cpu is not None else cpu_model()
+    order = sorted(by_cpu, key=lambda c: c != here)  # stable: this CPU first, the rest as found
     return [f"{head} reached verify " + ", ".join(f"{x:.2f}x AR at {t:.2f} tokens/forward in {d}"
-                                                    for d, x, t, _, _ in found) + f" ({where})"]
+                                                    for d, x, t, _, _ in by_cpu[c])
+            + f" ({c}{by_cpu[c][0][3]}, {by_cpu[c][0][4]}{', this CPU' if c == here else ''})" for c in order]
 
 
 def summary(demo: Demo, report: dict, served: dict) -> str:
