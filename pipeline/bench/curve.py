@@ -95,7 +95,7 @@ def _decode(sampler, prompt_ids, policy: str, max_tokens: int) -> tuple[list, fl
 def ar_vs_verify(sampler, prompt_ids: list[list[int]], max_tokens: int, repeats: int) -> dict:
     """Greedy `verify` against our `ar` loop, prompt by prompt in rotating order, `repeats` rounds."""
     _decode(sampler, prompt_ids[:1], "ar", max_tokens)  # warm-up
-    ratios, pairs, last = [], [], {}
+    ratios, v_rates, ar_rates, last = [], [], [], {}
     for rnd in range(max(1, repeats)):
         spent = {"ar": 0.0, "verify": 0.0}
         outs = {"ar": [], "verify": []}
@@ -105,12 +105,13 @@ def ar_vs_verify(sampler, prompt_ids: list[list[int]], max_tokens: int, repeats:
                 (res,), took[pol] = _decode(sampler, [ids], pol, max_tokens)
                 spent[pol] += took[pol]
                 outs[pol].append(res)
-            pairs.append((1 / took["verify"], 1 / took["ar"]))  # the same tokens: rates are inverse times
+            v_rates.append(1 / took["verify"])  # the same tokens: rates are inverse times
+            ar_rates.append(1 / took["ar"])
         ratios.append(spent["ar"] / spent["verify"])
         last = outs
     v, ar = last["verify"], last["ar"]
     out = {"tokens_per_forward": sum(r.stats.tokens for r in v) / sum(r.stats.forwards for r in v),
-           "speedup_vs_ar": paired_speedup(*zip(*pairs, strict=True)), "rounds": ratios,
+           "speedup_vs_ar": paired_speedup(v_rates, ar_rates), "rounds": ratios,
            "differs": sum(a.token_ids != b.token_ids for a, b in zip(v, ar, strict=True)) / len(v)}
     if sampler.model.dtype != torch.float32:  # the noise floor: greedy AR at batch 1 vs inside a batch of 8
         batched = [r.token_ids for i in range(0, len(prompt_ids), 8) for r in sampler.generate(

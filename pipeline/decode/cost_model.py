@@ -515,7 +515,8 @@ class AcceptanceMemory:
     (and its probe schedule: the share and the AR steps since its last probe) in, halving what was
     there; `seed(h)` starts a new row from them, scaled to at most `weight` tries per depth so that the
     row's own verdicts still override them within a few steps, its probes due where the last row's
-    were (a new row of a sampler that already knows its drafter does not probe along every prompt). Output is unchanged (greedy verify is lossless whatever K is); only where drafts start."""
+    were (a new row of a sampler that already knows its drafter does not probe along every prompt).
+    Output is unchanged (greedy verify is lossless whatever K is); only where drafts start."""
 
     def __init__(self, weight: float = 4.0, keep: float = 0.5):
         self.weight, self.keep = float(weight), float(keep)
