@@ -156,9 +156,8 @@ class Bench:
     gammas: dict[str, str]
     layout: str  # the matmul layout the model runs on (HF generate is also timed on "stock" when it differs)
     tps: dict[str, list[float]] = field(default_factory=dict)  # tokens/s per round
-    cps: dict[str, list[float]] = field(default_factory=dict)  # tokens per CPU-second: less sensitive to load
     pairs: dict[str, list[float]] = field(default_factory=dict)  # tokens/s per prompt (per round with --batch)
-    cpu_pairs: dict[str, list[float]] = field(default_factory=dict)  # the same per CPU-second
+    cpu_pairs: dict[str, list[float]] = field(default_factory=dict)  # the same per CPU-second: less sensitive to load
     last: dict[str, tuple] = field(default_factory=dict)  # (token ids, results) of the last round
 
 
@@ -242,11 +241,11 @@ def time_rounds(b: Bench) -> None:
     while the machine's speed drifts."""
     methods = ["hf", *(["hf0"] if b.layout != "stock" else []), *b.policies]
     run_method(b, "ar", b.prompt_ids[:1])  # warm-up
-    b.tps, b.cps = {m: [] for m in methods}, {m: [] for m in methods}
+    b.tps = {m: [] for m in methods}
     b.pairs, b.cpu_pairs = {m: [] for m in methods}, {m: [] for m in methods}
     groups = [b.prompt_ids] if b.args.batch else [[ids] for ids in b.prompt_ids]
     for rnd in range(b.args.repeats):
-        wall, cpu = {m: 0.0 for m in methods}, {m: 0.0 for m in methods}
+        wall = {m: 0.0 for m in methods}
         toks, res = {m: [] for m in methods}, {m: [] for m in methods}
         for i, group in enumerate(groups):
             shift = (rnd + i) % len(methods)
@@ -254,7 +253,6 @@ def time_rounds(b: Bench) -> None:
                 rate, cpu_rate, t, r = run_method(b, m, group)
                 n = sum(len(x) for x in t)
                 wall[m] += n / rate
-                cpu[m] += n / cpu_rate
                 b.pairs[m].append(rate)
                 b.cpu_pairs[m].append(cpu_rate)
                 toks[m] += t
@@ -262,13 +260,12 @@ def time_rounds(b: Bench) -> None:
         for m in methods:
             n = sum(len(x) for x in toks[m])
             b.tps[m].append(n / wall[m])
-            b.cps[m].append(n / max(cpu[m], 1e-9))
             b.last[m] = (toks[m], res[m] or None)
 
 
 def policy_row(b: Bench, m: str, base, base_ref: list[list[int]]) -> dict:
     """One policy's row of the table (and of the JSON results)."""
-    tps, pairs, cps, ref = b.tps, b.pairs, b.cpu_pairs, b.last["ar"][0]
+    tps, pairs, cpu, ref = b.tps, b.pairs, b.cpu_pairs, b.last["ar"][0]
     toks, res = b.last[m]
     agree = [agreement(r, g) for r, g in zip(ref, toks, strict=True)]
     forwards = sum(r.stats.forwards for r in res)
@@ -278,7 +275,7 @@ def policy_row(b: Bench, m: str, base, base_ref: list[list[int]]) -> dict:
         "speedup_vs_hf": paired_speedup(pairs[m], pairs["hf"]),
         "speedup_vs_ar": paired_speedup(pairs[m], pairs["ar"]),
         "speedup_vs_hf_stock": paired_speedup(pairs[m], pairs.get("hf0", pairs["hf"])),
-        "cpu_speedup_vs_ar": paired_speedup(cps[m], cps["ar"]),
+        "cpu_speedup_vs_ar": paired_speedup(cpu[m], cpu["ar"]),
         "prefix_agreement": statistics.mean(x for x, _ in agree),
         "match_rate": statistics.mean(y for _, y in agree),
         "masks_per_token": sum(r.stats.mask_tokens for r in res) / max(1, ntok),

@@ -46,8 +46,8 @@ class RayMetrics(Metrics):
 
     def step(self, committed: list[int], rows: int, kv_entries: int) -> None:
         if committed:
-            if sum(committed):  # a step may commit nothing to a row (e.g. it finished on a stop string)
-                self.tokens.inc(sum(committed))
+            if total := sum(committed):  # a step may commit nothing (Ray's Counter refuses inc(0))
+                self.tokens.inc(total)
             self.forwards.inc(1)
             self.rows.observe(rows)
             for n in committed:
