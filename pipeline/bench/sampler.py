@@ -235,7 +235,7 @@ def _generate(b: Bench, method: str, prompt_ids: list[list[int]]) -> list:
 
 
 def time_rounds(b: Bench) -> None:
-    """A warm-up, then --repeats rounds (fills tps, cps, last). Each round decodes every prompt under every
+    """A warm-up, then --repeats rounds (fills tps, pairs, cpu_pairs, last). Each round decodes every prompt under every
     method, prompt by prompt, the order of the methods rotating from prompt to prompt (with --batch: every
     method once over all prompts, in rotating order): no method's time comes from a stretch of its own
     while the machine's speed drifts."""
