@@ -98,9 +98,17 @@ class ForwardCost:
     Built from a list (costs of widths 1, 2, 3, …) or a {width: cost} mapping; made non-decreasing,
     linearly interpolated between given widths and extrapolated beyond the last with the last slope.
     `masked` (≥ 1) multiplies the cost of a step that carries an explicit attention mask (a spans step:
-    several spans), which the model cannot run on its built-in causal path."""
+    several spans), which the model cannot run on its built-in causal path. `mask_overhead` (≥ 0, in AR
+    steps) is what the first mask token adds to a step of clean tokens beyond its width: a frozen-base
+    drafter's adapter runs only when masks are present (~250 small products for SmolLM2, ~0.13 AR steps
+    in fp32 on a 2-core CPU). The table's widths ≥ 2 are timed with masks and include it; a step of many
+    clean tokens (a prompt) does not, so a probe that rides along one pays it on top of the width."""
 
-    def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float | Mapping[int, float] = 1.0):
+    def __init__(self, table: Sequence[float] | Mapping[int, float], masked: float | Mapping[int, float] = 1.0,
+                 mask_overhead: float = 0.0):
+        if not mask_overhead >= 0.0:
+            raise FluidError(f"the mask overhead must be a number >= 0, got {mask_overhead}")
+        self.mask_overhead = float(mask_overhead)
         factors = dict(masked) if isinstance(masked, Mapping) else {1: masked}
         if not factors or any(not f >= 1.0 for f in factors.values()):
             raise FluidError(f"the masked-step factor must be a number >= 1, got {masked}")
@@ -168,10 +176,11 @@ class ForwardCost:
 
     def __repr__(self) -> str:
         table = dict(zip(self.widths, (round(c, 3) for c in self.costs), strict=True))
+        extra = f", mask_overhead={self.mask_overhead:.3f}" if self.mask_overhead else ""
         if all(f == 1.0 for _, f in self._factors):
-            return f"ForwardCost({table})"
+            return f"ForwardCost({table}{extra})"
         masked = {w: round(f, 3) for w, f in self._factors}
-        return f"ForwardCost({table}, masked={masked if len(masked) > 1 else self.masked})"
+        return f"ForwardCost({table}, masked={masked if len(masked) > 1 else self.masked}{extra})"
 
 
 def check_layouts(layouts: Sequence[str]) -> tuple[str, ...]:
@@ -191,14 +200,20 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
               token_id: int = 0, mask_token_id: int | None = None) -> ForwardCost:
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
     interleaved rounds), relative to width 1, and the factor a spans step pays for its explicit mask
-    (MASK_CALIBRATION_WIDTHS, each with and without one). ~4 s for SmolLM2-135M on 2 CPU
-    cores, well under a second on a GPU."""
+    (MASK_CALIBRATION_WIDTHS, each with and without one), and what the masks themselves add to the
+    narrowest wider step (`ForwardCost.mask_overhead`: the same step of clean tokens, timed after). ~5 s for
+    SmolLM2-135M on 2 CPU cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
     mask_widths = [w for w in MASK_CALIBRATION_WIDTHS if w <= max(9, *widths)]  # spans of K = 2, 3 at least
     times = time_widths(model, sorted(set(widths) | set(mask_widths)), **kw)  # the plain steps of those widths too
     masked = time_widths(model, mask_widths, explicit_mask=True, **kw)
     factors = {w: max(1.0, statistics.median(masked[w]) / statistics.median(times[w])) for w in mask_widths}
-    return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=factors)
+    overhead, wide = 0.0, min((w for w in times if w >= 2), default=None)
+    if mask_token_id is not None and wide is not None:
+        clean = time_widths(model, [wide], **{**kw, "mask_token_id": None})
+        overhead = max(0.0, statistics.median(times[wide]) - statistics.median(clean[wide])) / statistics.median(times[1])
+    return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=factors,
+                       mask_overhead=overhead)
 
 
 @torch.inference_mode()
@@ -317,14 +332,16 @@ class CostAwareHorizon:
 
     def rank_acceptance(self) -> list[list[float]]:
         """a[j − 1][r − 1]: the chance that greedy AR's token at depth j is the drafter's rank-r token once
-        depth j − 1 was reached. Rank 1 is `acceptance()`; ranks 2…TOP_K are decayed counts with a prior
-        chained from the depth before (0 until seen: no tree pays without evidence); a depth sums to ≤ 1."""
-        out, prev = [], [0.0] * (TOP_K - 1)
+        depth j − 1 was reached. Rank 1 is `acceptance()`; ranks 2…TOP_K are decayed counts at that depth
+        with a prior of 0 (weight `prior_weight`); a depth sums to ≤ 1. Unlike rank 1 they do not inherit the
+        depth before: a tree priced on depth 1's evidence at every depth drafted wide trees after one probe
+        that passed (probes observe depth 1 only) and lost ~5 % to AR with a weak drafter; deeper
+        ranks are seen once chains or trees reach there."""
+        out = []
         for j, a1 in enumerate(self.acceptance(), start=1):
             w, t = self.prior_weight, self.rank_tries[j]
-            prev = [(h + w * p) / (t + w) for h, p in zip(self.rank_hits[j], prev, strict=True)]
             row, room = [a1], 1.0 - a1
-            for a in prev:
+            for a in (h / (t + w) for h in self.rank_hits[j]):
                 row.append(max(0.0, min(a, room)))
                 room -= row[-1]
             out.append(row)
@@ -466,7 +483,8 @@ class CostAwareHorizon:
             return 1
         # in AR steps (c(1) = 1), as the share accrues: along a 64-token prompt a relative budget (10 % of
         # the prefill) let every request of a sampler that knew its drafter spend ~0.4 AR steps on a probe
-        base = self.cost(max(clean, floor))
+        # a step of clean tokens (a prompt) pays the drafter's mask overhead on top of the extra width
+        base = self.cost(max(clean, floor)) - (self.cost.mask_overhead if clean > 1 else 0.0)
         due = self.wait * self.share >= self.cost(max(clean + 1, floor)) - base
         limit = base + (self.probe_budget if due else 1e-9)
         k = 1

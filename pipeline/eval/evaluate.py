@@ -382,16 +382,17 @@ def sampler_table(sampler, base_model, prompt_ids: list[list[int]], policies: li
 
     methods = [("hf", None)] + [(p, None) for p in policies] + [("threshold", float(g)) for g in gammas]
 
-    def run(method, ids):
+    def run(method, ids, tokens=max_tokens):
         pol, gamma = method
         t0 = time.perf_counter()
         if pol == "hf":
-            return hf_generate(sampler, [ids], max_tokens, False)[0], None, time.perf_counter() - t0
-        res = sampler.generate([GenerationRequest(prompt_ids=ids, policy=pol, gamma=gamma, max_tokens=max_tokens,
+            return hf_generate(sampler, [ids], tokens, False)[0], None, time.perf_counter() - t0
+        res = sampler.generate([GenerationRequest(prompt_ids=ids, policy=pol, gamma=gamma, max_tokens=tokens,
                                                   stop_on_eos=False)])[0]
         return res.token_ids, res, time.perf_counter() - t0
 
-    run(("ar", None), prompt_ids[0])  # warm-up
+    for m in methods[1:]:  # warm-up: each method's first shapes allocate, and verify starts to learn its
+        run(m, prompt_ids[0], min(8, max_tokens))  # drafter (as a serving replica has after its first request)
     tps, pair, last = {m: [] for m in methods}, {m: [] for m in methods}, {}
     for rnd in range(max(1, repeats)):
         spent, outs = {m: 0.0 for m in methods}, {m: [] for m in methods}

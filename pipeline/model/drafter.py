@@ -102,7 +102,9 @@ class GatedLoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.base.weight, self.base.bias)
+        # the base module itself, not F.linear of its weight: decoding puts it in the operand order that is
+        # fastest here (pipeline/decode/matmul.py), and a clean row is then the base model's output bit for bit
+        y = self.base(x)
         gate = self._gate
         if not gate.active or gate.current.shape != x.shape[:-1]:
             return y

@@ -136,6 +136,21 @@ def test_rank_evidence_opens_the_candidate_tree():
     assert k == h.plan and h.candidates and h.nodes == h.plan_nodes and h.spans == (h.plan_layout != "candidates")
 
 
+def test_a_depth_never_observed_has_no_rank_evidence():
+    """Ranks 2…TOP_K are counted per depth and never inherited: a probe observes depth 1 only, and a tree
+    priced on depth 1's rank-2 evidence at every depth drafted wide trees that a weak drafter then failed."""
+    h = CostAwareHorizon(8, FLAT)
+    for _ in range(5):
+        h.update_ranks([2])
+        h.update(2, 1)
+    acc = h.rank_acceptance()
+    assert acc[0][1] > 0.5  # depth 1: AR's token was the drafter's 2nd every time
+    assert all(a == 0.0 for row in acc[1:] for a in row[1:])  # deeper: nothing seen, nothing assumed
+    assert acc[1][0] == pytest.approx(acc[0][0])  # rank 1 still inherits (the chain's optimism is separate)
+    h.update_ranks([2, 3])
+    assert h.rank_acceptance()[1][2] > 0.0
+
+
 def _best_first(acc, d, n):
     """(depth, rank, parent) of the n best-first nodes (reach = Π acc along the path), and reaches."""
     nodes, reach = [], []

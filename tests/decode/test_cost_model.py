@@ -202,6 +202,28 @@ def test_a_probe_along_a_prompt_costs_at_most_its_budget_in_ar_steps():
     assert h.choose(clean=64) == 1 and not h.probing
 
 
+def test_a_probe_along_a_prompt_pays_the_drafters_mask_overhead():
+    """The table's widths >= 2 are timed with masks; a prompt of clean tokens is not: its first mask adds
+    the adapter's fixed cost (`mask_overhead`) on top of the width, so the probe is due only once the
+    share has accrued that much (a probe every request cost ~1 % of a 32-token request on a 2-core CPU)."""
+    table = {1: 1.0, 2: 1.6, 32: 2.5, 64: 4.0, 128: 7.0}
+    free, dear = (CostAwareHorizon(16, ForwardCost(table, mask_overhead=o), probe_budget=0.1, layouts=("chain",))
+                  for o in (0.0, 0.3))
+    for h in (free, dear):
+        h.wait, h.share = 10, 0.01  # 0.1 AR steps accrued
+    assert free.choose(clean=64) == 3 and free.probing  # two masks: 0.094 AR steps, within the budget
+    assert dear.choose(clean=64) == 1 and not dear.probing  # 0.347 AR steps: not yet
+    dear.wait = 40  # 0.4 accrued
+    assert dear.choose(clean=64) == 2 and dear.probing
+    # a decode step's price is the table's (its widths were timed with masks): the overhead adds nothing
+    for h in (free, dear):
+        h.wait, h.share = 10, 0.07  # 0.7 accrued ≥ cost(2) − 1 = 0.6
+    assert free.choose(clean=1) == dear.choose(clean=1) == 2
+    assert "mask_overhead=0.300" in repr(dear.cost) and "mask_overhead" not in repr(free.cost)
+    with pytest.raises(FluidError, match="mask overhead"):
+        ForwardCost(table, mask_overhead=-0.1)
+
+
 def test_calibrate_measures_a_relative_table(tmp_path):
     from tests.conftest import make_tiny_llama
 
@@ -226,8 +248,9 @@ def test_calibrate_times_steps_as_decoding_feeds_them():
     model.forward = spy
     calibrate(model, widths=(1, 3), past=4, repeats=1, token_id=5, mask_token_id=49)
     steps = [s for s in seen if s != [5] * 4]  # without the prefills of the past
-    # the table's widths, then the spans widths 4 and 9 (with and without an explicit mask)
-    assert {tuple(s) for s in steps} == {(5,), (5, 49, 49), (5, 49, 49, 49), (5,) + (49,) * 8}
+    # the table's widths, then the spans widths 4 and 9 (with and without an explicit mask), and the
+    # narrowest wider step all clean: what the masks add to it is the drafter's mask overhead
+    assert {tuple(s) for s in steps} == {(5,), (5, 49, 49), (5, 49, 49, 49), (5,) + (49,) * 8, (5, 5, 5)}
 
 
 def test_spans_steps_pay_the_measured_price_of_their_explicit_mask():

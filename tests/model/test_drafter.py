@@ -149,11 +149,17 @@ def test_clean_prefix_len_refuses_interleaved_layouts():
     assert clean_prefix_len(torch.tensor([[0, 0, -2]])) is None                    # no clean part
 
 
+@pytest.mark.parametrize("matmul", ["stock", "weight_left"])
 @pytest.mark.parametrize("layout", ["suffix", "scattered"])
-def test_decoding_pays_the_adapter_on_draft_rows_only(layout):
+def test_decoding_pays_the_adapter_on_draft_rows_only(layout, matmul):
     """Without autograd the delta runs on the draft rows alone (a slice for one run of masks, an index
-    otherwise): clean rows are the base model's bit for bit and draft rows equal the training form."""
+    otherwise): clean rows are the base model's bit for bit and draft rows equal the training form. In
+    either operand order of the narrow products (decode/matmul.py): an adapted module's base product is
+    its base module's, so it takes the same order as the base model's."""
+    from pipeline.decode.matmul import set_matmul
+
     base, model = _drafter(40)
+    assert set_matmul(base, matmul) > 0 and set_matmul(model, matmul) > 0
     ids = torch.as_tensor(np.random.default_rng(2).integers(2, 40, size=(2, 12)))
     if layout == "suffix":
         ids = ids[:1].clone()
