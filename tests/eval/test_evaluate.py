@@ -176,7 +176,8 @@ def test_sampler_table_interleaves_methods_prompt_by_prompt(monkeypatch):
     monkeypatch.setattr(ar_compare, "hf_generate", hf)
     monkeypatch.setattr(ar_compare, "continuation_nll", lambda model, prompts, toks: 0.0)
     table, sweep = sampler_table(Fake(), None, [[1], [2], [3]], ["ar", "verify"], 4, repeats=2, gammas=[])
-    calls = calls[1:]  # the warm-up
+    assert calls[:2] == [("ar", 1), ("verify", 1)]  # the warm-up: every sampler method once, on the first prompt
+    calls = calls[2:]
     assert len(calls) == 2 * 3 * 3
     for i in range(6):  # round r, prompt p: every method once, the first one rotating
         block = calls[3 * i: 3 * i + 3]
