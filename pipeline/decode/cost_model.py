@@ -201,7 +201,7 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
     """Measure the forward cost by width on the model's device (`time_widths`, median of `repeats`
     interleaved rounds), relative to width 1, and the factor a spans step pays for its explicit mask
     (MASK_CALIBRATION_WIDTHS, each with and without one), and what the masks themselves add to the
-    narrowest wider step (`ForwardCost.mask_overhead`: the same step of clean tokens, timed after). ~5 s for
+    narrowest wider step (`ForwardCost.mask_overhead`, from `masked_step_ratios` at that width). ~5 s for
     SmolLM2-135M on 2 CPU cores, well under a second on a GPU."""
     kw = dict(past=past, repeats=repeats, token_id=token_id, mask_token_id=mask_token_id)
     mask_widths = [w for w in MASK_CALIBRATION_WIDTHS if w <= max(9, *widths)]  # spans of K = 2, 3 at least
@@ -210,8 +210,9 @@ def calibrate(model, *, widths: Sequence[int] = CALIBRATION_WIDTHS, past: int = 
     factors = {w: max(1.0, statistics.median(masked[w]) / statistics.median(times[w])) for w in mask_widths}
     overhead, wide = 0.0, min((w for w in times if w >= 2), default=None)
     if mask_token_id is not None and wide is not None:
-        clean = time_widths(model, [wide], **{**kw, "mask_token_id": None})
-        overhead = max(0.0, statistics.median(times[wide]) - statistics.median(clean[wide])) / statistics.median(times[1])
+        ratio = masked_step_ratios(model, mask_token_id=mask_token_id, token_id=token_id, widths=(wide,), past=past,
+                                   repeats=repeats)[wide]  # masked ÷ clean, interleaved rounds
+        overhead = max(0.0, 1.0 - 1.0 / ratio) * statistics.median(times[wide]) / statistics.median(times[1])
     return ForwardCost({w: statistics.median(times[w]) for w in sorted(widths)}, masked=factors,
                        mask_overhead=overhead)
 
